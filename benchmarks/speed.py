@@ -1,0 +1,69 @@
+"""End-to-end speed of `Predictor` (read, detect, align, embed, classify) on FairFace val images.
+
+    python benchmarks/speed.py --fairface ../shared/datasets/fairface [--n 500] [--repeats 3]
+
+Prints faces per second with 1 process and with all cores (median of the repeats, pool
+start-up included), per-stage times, and the time to the first prediction in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from facerace import Predictor
+from facerace.runs import environment
+
+
+def faces_per_second(paths: list[Path], workers: int, detector: str) -> tuple[float, dict[str, float]]:
+    predictor = Predictor(detector=detector)
+    start = time.perf_counter()
+    results = list(predictor.predict_paths(paths, workers=workers))
+    elapsed = time.perf_counter() - start
+    n_faces = sum(len(r.faces) for r in results)
+    stages = {k: statistics.median(r.timings_ms.get(k, 0) for r in results) for k in results[0].timings_ms}
+    return n_faces / elapsed, stages
+
+
+def first_prediction_seconds(path: Path) -> float:
+    code = f"import facerace; facerace.analyze({str(path)!r})"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fairface", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--detector", default="yunet")
+    args = ap.parse_args()
+    with open(args.fairface / "fairface_label_val.csv", newline="") as f:
+        paths = [args.fairface / r["file"] for r in list(csv.DictReader(f))[: args.n]]
+    cores = os.cpu_count() or 1
+    rows = []
+    for workers in sorted({1, cores}):
+        runs = [faces_per_second(paths, workers, args.detector) for _ in range(args.repeats)]
+        rows.append((workers, statistics.median(r[0] for r in runs), runs[0][1]))
+    first = statistics.median(first_prediction_seconds(paths[0]) for _ in range(args.repeats))
+    env = environment()
+    print(f"\n{len(paths)} FairFace val images, detector {args.detector}; {env['date']}; {env['machine']}\n")
+    print("| processes | faces/s (median of %d) | median ms per image: read / detect / align / embed+classify |"
+          % args.repeats)
+    print("|---|---|---|")
+    for workers, fps, st in rows:
+        stages = " / ".join(f"{st[k]:.1f}" for k in ("read", "detect", "align", "embed_classify"))
+        print(f"| {workers} | {fps:.1f} | {stages} |")
+    print(f"\ntime to first prediction in a fresh process (python start, import, model load, one image): "
+          f"{first:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The `facerace` command: one subcommand per verb, each a thin call into the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
+
+USAGE_ERRORS = (InvalidParameterError, DatasetError, ModelNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .detect import DETECTORS
+    from .labels import SCHEMES
+    from .output import FORMATS
+
+    p = argparse.ArgumentParser(prog="facerace", description="Perceived race category of every face in photos.")
+    p.add_argument("--version", action="version", version=f"facerace {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pr = sub.add_parser("predict", help="find every face and predict its race category")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
+    pr.add_argument("--format", choices=FORMATS, help="output format (default: table on a terminal, else jsonl)")
+    pr.add_argument("--output", "-o", type=Path, help="write rows to this file instead of stdout")
+    pr.add_argument("--annotate", type=Path, metavar="DIR", help="save copies with boxes and labels drawn here")
+    pr.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
+    pr.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
+    pr.add_argument("--threshold", type=float, help="confidence below which a face is uncertain (default: the model's)")
+    pr.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    pr.add_argument("--column", help="CSV column holding paths (default: path or file)")
+    pr.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
+    pr.add_argument("--min-face", type=int, default=32, help="smaller faces (px) are reported, not classified")
+    pr.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
+
+    tr = sub.add_parser("train", help="train a classification head on labelled datasets")
+    tr.add_argument("--data", action="append", required=True, metavar="KIND:PATH",
+                    help="dataset, e.g. fairface:data/fairface or utkface:data/UTKFace (repeatable)")
+    tr.add_argument("--scheme", default="fairface7", help="label scheme to train (default fairface7)")
+    tr.add_argument("--out", type=Path, help="run folder to create (default runs/train/expN)")
+    tr.add_argument("--split", default="train", help="dataset split to train on (default train)")
+    tr.add_argument("--val-fraction", type=float, default=0.12, help="held-out validation share (default 0.12)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--hidden", type=int, default=256, help="hidden units of the head; 0 = linear (default 256)")
+    tr.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
+    tr.add_argument("--max-epochs", type=int, default=200)
+    tr.add_argument("--detector", default="yunet", choices=DETECTORS)
+    _data_columns(tr)
+    _common(tr)
+
+    ev = sub.add_parser("evaluate", help="score a model on a labelled dataset split")
+    ev.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    ev.add_argument("--data", required=True, metavar="KIND:PATH")
+    ev.add_argument("--split", default="val", help="dataset split (default val; utkface has one: all)")
+    ev.add_argument("--scheme", help="scheme to score in (default: finest both label sets map onto)")
+    ev.add_argument("--out", type=Path, help="run folder to create (default runs/evaluate/expN)")
+    _data_columns(ev)
+    _common(ev)
+
+    sub.add_parser("models", help="list the shipped models")
+
+    ds = sub.add_parser("datasets", help="inspect datasets")
+    ds_sub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ck = ds_sub.add_parser("check", help="count images per class, gender and age; list every bad file")
+    ck.add_argument("data", metavar="KIND:PATH", help="e.g. fairface:data/fairface, utkface:data/UTKFace")
+    ck.add_argument("--path-column", default="path", help="csv: datasets: the column of image paths")
+    ck.add_argument("--label-column", default="label", help="csv: datasets: the column of labels")
+    ck.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _data_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path-column", default="path", help="csv: datasets: the column of image paths")
+    p.add_argument("--label-column", default="label", help="csv: datasets: the column of labels")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, help="embedding cache folder (default $FACERACE_CACHE or ~/.cache/facerace)")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets}
+        return verbs[args.command](args)
+    except USAGE_ERRORS as exc:
+        print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FaceraceError as exc:
+        print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"facerace {args.command}: interrupted (finished work was kept)", file=sys.stderr)
+        return 130
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .draw import annotate
+    from .images import load_image
+    from .output import RowWriter
+    from .predictor import Predictor
+    from .results import ImageResult
+    from .sources import expand
+
+    predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold,
+                          min_face=args.min_face)
+    predictor.config  # validate model, scheme, detector and threshold before any work
+    sources = expand(args.paths, column=args.column, root=args.root)
+    good = [s.path for s in sources if s.error is None]
+    results = iter(predictor.predict_paths(good, workers=args.workers))
+    stream = open(args.output, "w", newline="") if args.output else sys.stdout
+    fmt = args.format or ("table" if stream.isatty() else "jsonl")
+    writer = RowWriter(stream, fmt, predictor.classes_)
+    if args.annotate:
+        args.annotate.mkdir(parents=True, exist_ok=True)
+    try:
+        for source in tqdm(sources, desc="predicting", unit="img", disable=None if len(sources) > 1 else True):
+            result = ImageResult(path=source.path, error=source.error) if source.error else next(results)
+            for row in result.rows():
+                writer.write(row)
+            if args.annotate and result.status != "error":
+                name = str(Path(result.path)).strip("/").replace("/", "__")
+                annotate(load_image(result.path), result.faces).save(args.annotate / (Path(name).stem + ".jpg"))
+    finally:
+        writer.close()
+        if args.output:
+            stream.close()
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    run = train(args.data, scheme=args.scheme, out=args.out, split=args.split, val_fraction=args.val_fraction,
+                seed=args.seed, hidden=args.hidden, patience=args.patience, max_epochs=args.max_epochs,
+                detector=args.detector, path_column=args.path_column, label_column=args.label_column,
+                cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
+    metrics = json.loads((run / "metrics.json").read_text())
+    v = metrics["validation"]
+    print(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
+          f"held-out validation: accuracy {v['accuracy']:.3f}, macro-F1 {v['macro_f1']:.3f}, "
+          f"loss {v['loss']:.3f}, ECE {v['ece']:.3f}; best epoch {metrics['best_epoch']}; "
+          f"threshold {metrics['threshold']:.3f}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    run, m = evaluate(args.model, args.data, split=args.split, scheme=args.scheme, out=args.out,
+                      path_column=args.path_column, label_column=args.label_column,
+                      cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
+    print(f"{m['data']['spec']} ({m['data']['split']}), scheme {m['scheme']}, n={m['n']}")
+    print(f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  loss {m['loss']:.3f}  ECE {m['ece']:.3f}")
+    print(f"{'class':<18}{'precision':>10}{'recall':>8}{'f1':>7}{'support':>9}")
+    for name, c in m["per_class"].items():
+        print(f"{name:<18}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>7.3f}{c['support']:>9}")
+    if m["merged"]:
+        print("merged classes: " + "; ".join(f"{k} <- {', '.join(v)}" for k, v in m["merged"].items()))
+    print(f"run folder: {run}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .model import list_models
+
+    for m in list_models():
+        acc = ", ".join(f"{k} {v}" for k, v in m["metrics"].items())
+        print(f"{m['name']}  (version {m['version']}, {m['backbone']} + {m['detector']} detector)\n"
+              f"  classes: {', '.join(m['classes'])}\n  trained on: {m['trained_on']}\n  measured: {acc}\n"
+              f"  uncertain below confidence {m['threshold']}\n  {m['path']}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from .datasets import check_dataset
+
+    report = check_dataset(args.data, path_column=args.path_column, label_column=args.label_column,
+                           progress=not args.quiet)
+    for split, r in report["splits"].items():
+        print(f"{args.data} split {split}: {r['images']} readable images, scheme {r['scheme']}")
+        for key in ("per_class", "per_gender", "per_age"):
+            if r[key]:
+                print(f"  {key.removeprefix('per_')}: " + ", ".join(f"{k} {v}" for k, v in r[key].items()))
+    problems = report["problems"]
+    print(f"{len(problems)} problem(s)" + (":" if problems else ""))
+    for line in problems:
+        print(f"  {line}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Dataset images -> embeddings, streamed on all cores through the on-disk cache.
+
+Datasets of face crops have one face per image: the largest detection is used, and when
+the detector finds none the dataset's known face region is used instead (and counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .align import Aligner
+from .backbones import create_backbone
+from .cache import EmbeddingCache
+from .detect import create_detector, known_face_region
+from .errors import ImageError
+from .images import load_image
+from .predictor import MIN_FACE
+
+
+@dataclass
+class CropEmbedder:
+    """Picklable: embeds the main face of a face-crop image; parts load on first call."""
+
+    detector: str
+    backbone: str
+    chip_size: int
+    chip_padding: float
+    face_padding: float
+
+    def __post_init__(self) -> None:
+        self._parts = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_parts": None}
+
+    @property
+    def pipeline_id(self) -> str:
+        b = create_backbone(self.backbone)
+        return (f"{b.name}|{b.version}|det={self.detector}|chip={self.chip_size}/{self.chip_padding}"
+                f"|fallback={self.face_padding}|min={MIN_FACE}")
+
+    def __call__(self, path: str) -> tuple[np.ndarray | None, bool, str | None]:
+        """(embedding, detected, error) for one image file."""
+        if self._parts is None:
+            import cv2
+
+            cv2.setNumThreads(1)
+            self._parts = (create_detector(self.detector), Aligner(self.chip_size, self.chip_padding),
+                           create_backbone(self.backbone))
+        detector, aligner, backbone = self._parts
+        try:
+            rgb = load_image(path)
+        except ImageError as exc:
+            return None, False, exc.reason
+        faces = [d for d in detector.detect(rgb) if min(d.box[2], d.box[3]) >= MIN_FACE]
+        face = faces[0] if faces else known_face_region(rgb.shape, self.face_padding)
+        _, chips = aligner.align(rgb, [face.box])
+        return backbone.embed(chips)[0], bool(faces), None
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them and keeps what was committed."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the cache key of its embedding)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@dataclass
+class Embedded:
+    """Embeddings of a list of files: rows align with `ok` (files that could be read)."""
+
+    vectors: np.ndarray
+    detected: np.ndarray
+    ok: np.ndarray
+    errors: dict[int, str]
+    computed: int
+
+
+def embed_files(
+    paths: Sequence[Path],
+    embedder: CropEmbedder,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    batch: int | None = None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> Embedded:
+    """Embeddings for `paths`, reading cached ones and computing (and caching) the rest.
+
+    Results are committed to the cache every `batch` images (default 16 per worker), so an
+    interrupted run loses at most one batch.
+    """
+    from tqdm import tqdm
+
+    cache = EmbeddingCache(cache_dir)
+    pipeline = embedder.pipeline_id
+    digests = [file_digest(p) for p in tqdm(paths, desc="hashing", disable=not progress, leave=False)]
+    found = cache.get_many(pipeline, sorted(set(digests)))
+    todo = sorted({d: i for i, d in enumerate(digests) if d not in found}.values())
+    failed: dict[str, str] = {}
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    batch = batch or 16 * workers
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
+        pool = None
+        if workers > 1:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn").Pool(workers, _ignore_sigint)
+        try:
+            for start in range(0, len(todo), batch):
+                idx = todo[start : start + batch]
+                args = [str(paths[i]) for i in idx]
+                outs = pool.map(embedder, args, chunksize=4) if pool else [embedder(a) for a in args]
+                done = []
+                for i, (vector, detected, error) in zip(idx, outs):
+                    if error is not None:
+                        failed[digests[i]] = error
+                    else:
+                        done.append((digests[i], vector, detected))
+                        found[digests[i]] = (vector, detected)
+                cache.put_many(pipeline, done)
+                bar.update(len(idx))
+        finally:
+            if pool:
+                pool.terminate()
+            cache.close()
+    dim = create_backbone(embedder.backbone).dim
+    ok = np.array([d in found for d in digests], dtype=bool)
+    errors = {i: failed[d] for i, d in enumerate(digests) if d in failed}
+    vectors = np.array([found[d][0] for d in digests if d in found], np.float32).reshape(-1, dim)
+    detected = np.array([found[d][1] for d in digests if d in found], dtype=bool)
+    return Embedded(vectors, detected, ok, errors, computed=len(todo))
+

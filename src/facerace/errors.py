@@ -1,0 +1,49 @@
+"""The exceptions facerace raises; every message says what to do next."""
+
+from __future__ import annotations
+
+
+class FaceraceError(Exception):
+    """Base class of every error facerace raises on purpose."""
+
+
+class ImageError(FaceraceError, ValueError):
+    """A file or buffer is not a usable image (not an image, truncated, empty, too large)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+class InvalidParameterError(FaceraceError, ValueError):
+    """An option has a value outside the allowed set or range."""
+
+
+class ModelNotFoundError(FaceraceError, FileNotFoundError):
+    """A model name or directory does not hold a facerace model."""
+
+
+class ModelIntegrityError(FaceraceError):
+    """A model's weights do not match the SHA-256 recorded in its config."""
+
+
+class DatasetError(FaceraceError):
+    """A dataset folder or file does not have the expected layout."""
+
+
+class MissingDependencyError(FaceraceError, ImportError):
+    """An optional package needed for this operation is not installed."""
+
+
+def check_choice(name: str, value: str, allowed: list[str] | tuple[str, ...]) -> str:
+    """Return `value` if it is in `allowed`, else raise InvalidParameterError with a hint."""
+    if value in allowed:
+        return value
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise InvalidParameterError(
+        f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}.{hint}"
+    )

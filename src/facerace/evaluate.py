@@ -1,0 +1,108 @@
+"""facerace evaluate: a model on a labelled dataset -> metrics.json, plots, predictions.csv."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .align import CHIP_PADDING, CHIP_SIZE
+from .datasets import open_dataset
+from .embeddings import CropEmbedder, embed_files
+from .errors import DatasetError
+from .labels import MAPPINGS, convert_label, convert_probabilities, get_scheme
+from .metrics import classification_metrics, group_accuracy, reliability
+from .model import load_model
+from .modelcard import evaluation_markdown
+from .plots import plot_confusion, plot_reliability
+from .runs import environment, new_run_dir, write_json
+
+
+def common_scheme(model_scheme: str, data_scheme: str) -> str:
+    """The finest scheme both the model's and the dataset's classes map onto."""
+    for target in (data_scheme, model_scheme, "race6", "utk5", "race4"):
+        ok = all(s == target or (s, target) in MAPPINGS for s in (model_scheme, data_scheme))
+        if ok:
+            return target
+    return "race4"
+
+
+def evaluate(
+    model: str | Path = "default",
+    data: str = "",
+    *,
+    split: str = "val",
+    scheme: str | None = None,
+    out: str | Path | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Score `model` on dataset `data` (`KIND:PATH`, split `split`); return (run folder, metrics).
+
+    `scheme` defaults to the finest scheme both label sets map onto (fairface7 on
+    FairFace, utk5 for a fairface7 model on UTKFace); probabilities and true labels are
+    both mapped onto it through the explicit tables in `facerace.labels`.
+    """
+    config, head = load_model(model)
+    ds = open_dataset(data, split, path_column=path_column, label_column=label_column)
+    scheme = scheme or common_scheme(config.scheme, ds.scheme)
+    classes = get_scheme(scheme).classes
+    convert_probabilities(np.zeros((1, len(config.classes))), config.scheme, scheme)  # validates the mapping
+    keep = [s for s in ds.samples if convert_label(s.label, ds.scheme, scheme) is not None]
+    if not keep:
+        raise DatasetError(f"{data}: no images whose class exists in scheme {scheme!r}")
+    run = new_run_dir(out, "evaluate")
+    embedder = CropEmbedder(config.detector, config.backbone, CHIP_SIZE, CHIP_PADDING, ds.face_padding)
+    emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=workers,
+                      progress=not quiet, desc=f"embedding {ds.kind}")
+    samples = [s for s, ok in zip(keep, emb.ok) if ok]
+    probs = convert_probabilities(head.predict_proba(emb.vectors), config.scheme, scheme)
+    y = np.array([classes.index(convert_label(s.label, ds.scheme, scheme)) for s in samples])
+    y_pred = probs.argmax(1)
+    confidence = probs.max(1)
+    metrics = classification_metrics(y, probs, classes)
+    certain = confidence >= config.threshold
+    metrics.update({
+        "model": {"path": str(model), "name": config.name, "version": config.version, "scheme": config.scheme},
+        "data": {"spec": data, "split": ds.split, "scheme": ds.scheme, "images": len(ds.samples),
+                 "dropped_no_class_in_scheme": len(ds.samples) - len(keep), "unreadable": len(emb.errors),
+                 "layout_problems": len(ds.problems),
+                 "face_detected_fraction": float(emb.detected.mean()),
+                 "known_region_used": int((~emb.detected).sum())},
+        "scheme": scheme,
+        "merged": {k: v for k, v in _merged(config.scheme, scheme).items()},
+        "threshold": config.threshold,
+        "uncertain_fraction": float(1 - certain.mean()),
+        "accuracy_when_certain": float(np.mean(y_pred[certain] == y[certain])) if certain.any() else None,
+        "per_gender": group_accuracy([s.gender for s in samples], y, y_pred),
+        "per_age": group_accuracy([s.age for s in samples], y, y_pred),
+        "reliability": reliability(confidence, (y_pred == y).astype(float)),
+        "environment": environment(),
+    })
+    write_json(run / "metrics.json", metrics)
+    plot_confusion(np.array(metrics["confusion"]), classes, run / "confusion.png", title=f"{ds.kind} {ds.split}")
+    plot_reliability(metrics["reliability"], metrics["ece"], run / "reliability.png")
+    report = [f"# Evaluation of model `{config.name}` ({model})", "", *evaluation_markdown(metrics),
+              "![confusion matrices](confusion.png)", "", "![reliability diagram](reliability.png)", ""]
+    (run / "report.md").write_text("\n".join(report))
+    with open(run / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", "confidence", *classes])
+        for s, t, p, row in zip(samples, y, y_pred, probs):
+            w.writerow([s.path, classes[t], classes[p], round(float(row[p]), 4), *(round(float(v), 4) for v in row)])
+    return run, metrics
+
+
+def _merged(source: str, target: str) -> dict[str, list[str]]:
+    """Target classes that gather several source classes (what the mapping merged)."""
+    if source == target:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for src, dst in MAPPINGS[(source, target)].items():
+        groups.setdefault(dst or "(dropped)", []).append(src)
+    return {k: v for k, v in groups.items() if len(v) > 1 or k == "(dropped)"}

@@ -1,0 +1,211 @@
+"""embeddings -> probabilities: a small softmax classifier trained with Adam, in numpy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import InvalidParameterError
+
+
+@dataclass
+class History:
+    """Per-epoch train/validation loss and the epoch whose weights were kept."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, numerically stable."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of integer labels `y` under `probs`."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+
+class RaceHead:
+    """Standardise -> [dense + ReLU] -> dense -> softmax / temperature.
+
+    `hidden=0` gives multinomial logistic regression. `fit` uses Adam on mini-batches,
+    keeps the weights with the lowest validation loss and stops after `patience` epochs
+    without improvement; then fits a temperature on the validation set (calibration).
+    """
+
+    def __init__(
+        self,
+        classes: tuple[str, ...] = (),
+        *,
+        hidden: int = 256,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-4,
+        dropout: float = 0.2,
+        batch_size: int = 128,
+        max_epochs: int = 200,
+        patience: int = 15,
+        random_state: int = 0,
+    ) -> None:
+        self.classes = tuple(classes)
+        self.hidden = hidden
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.dropout = dropout
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.random_state = random_state
+
+    # ---- model ---------------------------------------------------------------
+    def _init(self, dim: int, n_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        sizes = [dim, self.hidden, n_classes] if self.hidden else [dim, n_classes]
+        params: dict[str, np.ndarray] = {}
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            params[f"w{i}"] = (rng.standard_normal((a, b)) * np.sqrt(2.0 / a)).astype(np.float32)
+            params[f"b{i}"] = np.zeros(b, np.float32)
+        return params
+
+    def _logits(self, x: np.ndarray, params: dict[str, np.ndarray], rng=None):
+        acts = [x]
+        n_layers = len(params) // 2
+        for i in range(n_layers):
+            z = acts[-1] @ params[f"w{i}"] + params[f"b{i}"]
+            if i < n_layers - 1:
+                z = np.maximum(z, 0)
+                if rng is not None and self.dropout > 0:
+                    z = z * (rng.random(z.shape) >= self.dropout) / (1 - self.dropout)
+            acts.append(z)
+        return acts
+
+    def _standardise(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, np.float32) - self.mean_) / self.scale_).astype(np.float32)
+
+    # ---- training ------------------------------------------------------------
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray,
+        *,
+        on_epoch: Callable[[int, History], None] | None = None,
+    ) -> "RaceHead":
+        """Train on (x, y) with early stopping on (x_val, y_val); labels are class indices."""
+        if not self.classes:
+            raise InvalidParameterError("RaceHead needs classes=(...) before fit")
+        rng = np.random.default_rng(self.random_state)
+        self.mean_ = x.mean(axis=0).astype(np.float32)
+        self.scale_ = (x.std(axis=0) + 1e-6).astype(np.float32)
+        xs, xv = self._standardise(x), self._standardise(x_val)
+        params = self._init(x.shape[1], len(self.classes), rng)
+        m = {k: np.zeros_like(v) for k, v in params.items()}
+        v = {k: np.zeros_like(p) for k, p in params.items()}
+        step, best, wait = 0, np.inf, 0
+        self.history_ = History()
+        self.temperature_ = 1.0
+        best_params = {k: p.copy() for k, p in params.items()}
+        for epoch in range(self.max_epochs):
+            order = rng.permutation(len(xs))
+            total = 0.0
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                acts = self._logits(xs[idx], params, rng)
+                p = softmax(acts[-1])
+                total += cross_entropy(p, y[idx]) * len(idx)
+                grad = p
+                grad[np.arange(len(idx)), y[idx]] -= 1.0
+                grad /= len(idx)
+                step += 1
+                for i in reversed(range(len(params) // 2)):
+                    gw = acts[i].T @ grad + self.weight_decay * params[f"w{i}"]
+                    gb = grad.sum(axis=0)
+                    if i > 0:
+                        grad = (grad @ params[f"w{i}"].T) * (acts[i] > 0)
+                    for key, g in ((f"w{i}", gw), (f"b{i}", gb)):
+                        m[key] = 0.9 * m[key] + 0.1 * g
+                        v[key] = 0.999 * v[key] + 0.001 * g * g
+                        mhat = m[key] / (1 - 0.9**step)
+                        vhat = v[key] / (1 - 0.999**step)
+                        params[key] -= (self.learning_rate * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
+            pv = softmax(self._logits(xv, params)[-1])
+            val_loss = cross_entropy(pv, y_val)
+            self.history_.train_loss.append(total / len(xs))
+            self.history_.val_loss.append(val_loss)
+            self.history_.val_accuracy.append(float(np.mean(pv.argmax(1) == y_val)))
+            if val_loss < best - 1e-5:
+                best, wait, self.history_.best_epoch = val_loss, 0, epoch
+                best_params = {k: p.copy() for k, p in params.items()}
+            else:
+                wait += 1
+            if on_epoch:
+                on_epoch(epoch, self.history_)
+            if wait >= self.patience:
+                break
+        self.params_ = best_params
+        self.temperature_ = fit_temperature(self._logits(xv, self.params_)[-1], y_val)
+        return self
+
+    # ---- inference -----------------------------------------------------------
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities, shape (n, len(classes)), columns in `classes` order."""
+        if not hasattr(self, "params_"):
+            raise InvalidParameterError("this RaceHead is not trained; call fit() or RaceHead.load()")
+        if len(x) == 0:
+            return np.zeros((0, len(self.classes)), np.float64)
+        logits = self._logits(self._standardise(x), self.params_)[-1].astype(np.float64)
+        return softmax(logits / self.temperature_)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Index of the most probable class per row."""
+        return self.predict_proba(x).argmax(axis=1)
+
+    # ---- persistence (safetensors: no pickle) --------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write weights, standardisation and temperature to a .safetensors file."""
+        from safetensors.numpy import save_file
+
+        tensors = {**self.params_, "mean": self.mean_, "scale": self.scale_,
+                   "temperature": np.array([self.temperature_], np.float32)}
+        save_file({k: np.ascontiguousarray(t) for k, t in tensors.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, classes: tuple[str, ...]) -> "RaceHead":
+        """Read a head written by `save`; `classes` come from the model's config."""
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        head = cls(tuple(classes))
+        head.mean_, head.scale_ = tensors.pop("mean"), tensors.pop("scale")
+        head.temperature_ = float(tensors.pop("temperature")[0])
+        head.params_ = tensors
+        head.hidden = tensors["w0"].shape[1] if "w1" in tensors else 0
+        if tensors[f"w{len(tensors) // 2 - 1}"].shape[1] != len(head.classes):
+            raise InvalidParameterError(f"{path}: weights have a different number of classes than {classes}")
+        return head
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) (golden-section on log T)."""
+    logits = logits.astype(np.float64)
+
+    def nll(log_t: float) -> float:
+        return cross_entropy(softmax(logits / np.exp(log_t)), y)
+
+    lo, hi = np.log(0.05), np.log(20.0)
+    g = (np.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    for _ in range(60):
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    return float(np.exp((lo + hi) / 2))

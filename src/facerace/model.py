@@ -1,0 +1,126 @@
+"""Model directories: a safetensors head, a JSON config with its SHA-256, and a model card.
+
+A model is a folder holding `config.json`, the weights file it names and, for shipped
+models, `MODEL_CARD.md`. Shipped models live in the package under `weights/<name>/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelIntegrityError, ModelNotFoundError
+from .head import RaceHead
+
+SHIPPED = ("default",)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "head.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model's pipeline and read its weights."""
+
+    name: str
+    version: str
+    scheme: str
+    classes: tuple[str, ...]
+    backbone: str
+    backbone_version: str
+    detector: str
+    chip_size: int
+    chip_padding: float
+    threshold: float
+    threshold_rule: str
+    weights: str = WEIGHTS_FILE
+    sha256: str = ""
+    trained_on: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(**{**d, "classes": tuple(d["classes"])})
+
+
+def shipped_dir(name: str) -> Path:
+    """The package folder of the shipped model `name`."""
+    return Path(str(resources.files("facerace") / "weights" / name))
+
+
+def resolve(model: str | Path) -> Path:
+    """Turn a shipped model name or a model/run folder into the folder holding config.json."""
+    if str(model) in SHIPPED:
+        path = shipped_dir(str(model))
+    else:
+        path = Path(model)
+        if (path / "model" / CONFIG_FILE).is_file():  # a training run folder
+            path = path / "model"
+    if not (path / CONFIG_FILE).is_file():
+        raise ModelNotFoundError(
+            f"no facerace model at {str(model)!r}: expected a shipped name ({', '.join(SHIPPED)}) "
+            f"or a folder with {CONFIG_FILE} (for example runs/train/NAME made by `facerace train`)"
+        )
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_config(model: str | Path) -> ModelConfig:
+    """Read a model's config.json."""
+    path = resolve(model)
+    return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+
+
+def load_model(model: str | Path) -> tuple[ModelConfig, RaceHead]:
+    """Read config and head, refusing weights whose SHA-256 differs from the config's."""
+    path = resolve(model)
+    config = load_config(path)
+    weights = path / config.weights
+    if not weights.is_file():
+        raise ModelNotFoundError(f"{weights} is missing; rebuild the model with `facerace train`")
+    actual = sha256_file(weights)
+    if actual != config.sha256:
+        raise ModelIntegrityError(
+            f"{weights} has SHA-256 {actual}, but {path / CONFIG_FILE} expects {config.sha256}; "
+            "the file is damaged or was replaced: reinstall facerace or retrain the model"
+        )
+    return config, RaceHead.load(weights, config.classes)
+
+
+def save_model(path: Path, config: ModelConfig, head: RaceHead) -> ModelConfig:
+    """Write head weights and config (with the weights' SHA-256) into folder `path`."""
+    path.mkdir(parents=True, exist_ok=True)
+    head.save(path / config.weights)
+    final = ModelConfig.from_dict({**config.to_dict(), "sha256": sha256_file(path / config.weights)})
+    (path / CONFIG_FILE).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
+    return final
+
+
+def list_models() -> list[dict[str, Any]]:
+    """The shipped models: name, version, classes, backbone and measured accuracy."""
+    out = []
+    for name in SHIPPED:
+        try:
+            c = load_config(name)
+        except ModelNotFoundError:
+            continue
+        out.append({"name": name, "version": c.version, "scheme": c.scheme, "classes": list(c.classes),
+                    "backbone": c.backbone, "detector": c.detector, "threshold": c.threshold,
+                    "trained_on": c.trained_on, "metrics": c.metrics, "path": str(shipped_dir(name))})
+    return out

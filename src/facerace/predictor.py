@@ -1,0 +1,219 @@
+"""Predictor: image -> faces -> chips -> embeddings -> probabilities -> results.
+
+A plain, picklable object that loads its model on first use, so copies can be sent to
+worker processes (one model per worker).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .align import Aligner
+from .backbones import Backbone, create_backbone
+from .detect import Detection, Detector, create_detector
+from .errors import FaceraceError, ImageError, InvalidParameterError
+from .images import MAX_PIXELS, ImageInput, describe, load_image
+from .labels import convert_probabilities, get_scheme
+from .model import ModelConfig, load_config, load_model
+from .results import FaceResult, ImageResult
+
+#: Faces whose box is smaller than this (pixels, shorter side) are reported as too_small.
+MIN_FACE = 32
+
+
+class Predictor:
+    """Predicts the perceived race category of every face in images.
+
+    Parameters are only stored here; the model, detector and backbone load on first use.
+    `scheme` (default: the model's own) sums the model's probabilities into a coarser
+    scheme; `threshold` (default: the model's) marks faces below it as uncertain.
+    """
+
+    def __init__(
+        self,
+        model: str | Path = "default",
+        *,
+        scheme: str | None = None,
+        detector: str | None = None,
+        threshold: float | None = None,
+        min_face: int = MIN_FACE,
+        upsample: int = 1,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        self.model = model
+        self.scheme = scheme
+        self.detector = detector
+        self.threshold = threshold
+        self.min_face = min_face
+        self.upsample = upsample
+        self.max_pixels = max_pixels
+        self._config: ModelConfig | None = None
+        self._loaded: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaded": None}
+
+    # ---- lazy parts ------------------------------------------------------------
+    @property
+    def config(self) -> ModelConfig:
+        """The model's config (read on first access, validates the options)."""
+        if self._config is None:
+            config = load_config(self.model)
+            if self.scheme is not None:
+                convert_probabilities(np.zeros((1, len(config.classes))), config.scheme, self.scheme)
+            if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+                raise InvalidParameterError(f"threshold must be within [0, 1], got {self.threshold}")
+            self._config = config
+            self._make_detector()  # validates the detector name early
+        return self._config
+
+    @property
+    def classes_(self) -> tuple[str, ...]:
+        """Class names of the output probabilities, in order."""
+        return get_scheme(self.scheme or self.config.scheme).classes
+
+    @property
+    def threshold_(self) -> float:
+        return self.config.threshold if self.threshold is None else self.threshold
+
+    def _make_detector(self) -> Detector:
+        name = self.detector or self.config.detector
+        return create_detector(name, upsample=self.upsample) if name == "hog" else create_detector(name)
+
+    def _parts(self) -> tuple[Detector, Aligner, Backbone, object]:
+        if self._loaded is None:
+            config, head = load_model(self.model)
+            self._config = config
+            self._loaded = (
+                self._make_detector(),
+                Aligner(config.chip_size, config.chip_padding),
+                create_backbone(config.backbone),
+                head,
+            )
+        return self._loaded
+
+    # ---- stages ----------------------------------------------------------------
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces in an RGB image, largest first."""
+        return self._parts()[0].detect(rgb)
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        """Embeddings (n, dim) of aligned chips (n, s, s, 3) uint8."""
+        return self._parts()[2].embed(chips)
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities (n, len(classes_)) for embeddings, in the chosen scheme."""
+        probs = self._parts()[3].predict_proba(embeddings)
+        if self.scheme and self.scheme != self.config.scheme:
+            probs = convert_probabilities(probs, self.config.scheme, self.scheme)
+        return probs
+
+    # ---- whole images ------------------------------------------------------------
+    def predict_image(self, image: ImageInput, faces: Sequence[Detection] | None = None) -> ImageResult:
+        """Analyse one image; errors in the input become an ImageResult with `error` set.
+
+        `faces` skips detection: boxes [x, y, w, h] you found yourself.
+        """
+        name = describe(image)
+        t0 = time.perf_counter()
+        try:
+            rgb = load_image(image, max_pixels=self.max_pixels)
+        except ImageError as exc:
+            return ImageResult(path=name, error=exc.reason)
+        detector, aligner, _, _ = self._parts()
+        t1 = time.perf_counter()
+        found = list(faces) if faces is not None else detector.detect(rgb)
+        t2 = time.perf_counter()
+        big = [d for d in found if min(d.box[2], d.box[3]) >= self.min_face]
+        landmarks, chips = aligner.align(rgb, [d.box for d in big])
+        t3 = time.perf_counter()
+        probs = self.predict_proba(self.embed(chips)) if len(chips) else np.zeros((0, 0))
+        t4 = time.perf_counter()
+        classes, threshold = self.classes_, self.threshold_
+        results, k = [], 0
+        for d in found:
+            if min(d.box[2], d.box[3]) < self.min_face:
+                results.append(FaceResult(box=d.box, detection_score=d.score, status="too_small"))
+                continue
+            p = probs[k]
+            top = int(np.argmax(p))
+            results.append(
+                FaceResult(
+                    box=d.box,
+                    landmarks=tuple((float(x), float(y)) for x, y in landmarks[k]),
+                    detection_score=round(d.score, 4),
+                    label=classes[top],
+                    confidence=round(float(p[top]), 4),
+                    uncertain=bool(p[top] < threshold),
+                    probabilities={c: round(float(v), 4) for c, v in zip(classes, p)},
+                )
+            )
+            k += 1
+        timings = {"read": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed_classify": t4 - t3}
+        return ImageResult(path=name, faces=tuple(results), shape=rgb.shape[:2],
+                           timings_ms={s: round(v * 1000, 2) for s, v in timings.items()})
+
+    def predict(self, images: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
+        """Analyse one image or a list of images; one ImageResult per image, in order."""
+        if isinstance(images, (list, tuple)):
+            return [self.predict_image(im) for im in images]
+        return [self.predict_image(images)]
+
+    __call__ = predict
+
+    def predict_paths(self, paths: Sequence[str | Path], *, workers: int | None = None) -> Iterator[ImageResult]:
+        """Yield results for files in order, using `workers` processes (default: all cores)."""
+        workers = min(workers or os.cpu_count() or 1, max(1, len(paths)))
+        self.config  # validate options before starting workers
+        if workers <= 1 or len(paths) < 4:
+            for p in paths:
+                yield self.predict_image(p)
+            return
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers, _init_worker, (self,)) as pool:
+            yield from pool.imap(_predict_in_worker, [str(p) for p in paths], chunksize=2)
+
+
+_WORKER: Predictor | None = None
+
+
+def _init_worker(predictor: Predictor) -> None:
+    global _WORKER
+    import signal
+
+    import cv2
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    cv2.setNumThreads(1)
+    _WORKER = predictor
+
+
+def _predict_in_worker(path: str) -> ImageResult:
+    assert _WORKER is not None
+    try:
+        return _WORKER.predict_image(path)
+    except FaceraceError as exc:  # e.g. a model problem: report per file, keep going
+        return ImageResult(path=path, error=str(exc))
+
+
+_DEFAULT: dict[tuple, Predictor] = {}
+
+
+def analyze(image: ImageInput, scheme: str = "fairface7", *, detector: str | None = None,
+            threshold: float | None = None) -> list[FaceResult]:
+    """The faces in one image with their race probabilities, using the shipped default model.
+
+    Raises ImageError if the input is not a readable image; returns [] if it has no face.
+    """
+    key = (scheme, detector, threshold)
+    if key not in _DEFAULT:
+        _DEFAULT[key] = Predictor("default", scheme=scheme, detector=detector, threshold=threshold)
+    predictor = _DEFAULT[key]
+    rgb = load_image(image, max_pixels=predictor.max_pixels)
+    return list(predictor.predict_image(rgb).faces)

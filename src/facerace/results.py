@@ -1,0 +1,84 @@
+"""results: one FaceResult per face, one ImageResult per image, all through `to_dict()`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The keys of every output row (JSON, JSONL, CSV, HTTP), in order; error rows add "error".
+ROW_KEYS = ("path", "face", "status", "box", "label", "confidence", "uncertain", "probabilities")
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """One face: box [x, y, w, h] and 5 landmarks in image pixels, and its classification.
+
+    `label` is always the most probable class; `uncertain` is true when `confidence`
+    (its probability) is below the model's threshold. Faces smaller than the minimum
+    size have status "too_small" and no label or probabilities.
+    """
+
+    box: tuple[int, int, int, int]
+    landmarks: tuple[tuple[float, float], ...] = ()
+    detection_score: float = 1.0
+    label: str | None = None
+    confidence: float | None = None
+    uncertain: bool = True
+    probabilities: dict[str, float] | None = None
+    status: str = "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return {
+            "status": self.status,
+            "box": list(self.box),
+            "landmarks": [list(p) for p in self.landmarks],
+            "detection_score": self.detection_score,
+            "label": self.label,
+            "confidence": self.confidence,
+            "uncertain": self.uncertain,
+            "probabilities": dict(self.probabilities) if self.probabilities is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Everything found in one image: its faces, or the error that stopped it."""
+
+    path: str
+    faces: tuple[FaceResult, ...] = ()
+    shape: tuple[int, int] | None = None
+    error: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def status(self) -> str:
+        """"error", "no_face" or "ok"."""
+        if self.error is not None:
+            return "error"
+        return "ok" if self.faces else "no_face"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict: path, status, shape, faces, error, timings."""
+        return {
+            "path": self.path,
+            "status": self.status,
+            "shape": list(self.shape) if self.shape else None,
+            "faces": [f.to_dict() for f in self.faces],
+            "error": self.error,
+            "timings_ms": dict(self.timings_ms),
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat output row per face (keys ROW_KEYS), or one no_face / error row."""
+        if self.status != "ok":
+            row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+            row.update(path=self.path, status=self.status, uncertain=None)
+            if self.error is not None:
+                row["error"] = self.error
+            return [row]
+        rows = []
+        for i, face in enumerate(self.faces):
+            d = face.to_dict()
+            rows.append({"path": self.path, "face": i, **{k: d[k] for k in ROW_KEYS[2:]}})
+        return rows

@@ -1,0 +1,101 @@
+"""Shared fixtures: real FairFace val faces shipped in tests/fixtures, and bad inputs made on the fly."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+#: The real datasets (../shared/datasets from the repository root, or $FACERACE_DATASETS).
+DATASETS = Path(os.environ.get("FACERACE_DATASETS", Path(__file__).parents[1] / ".." / "shared" / "datasets"))
+
+
+def fixture_labels() -> list[dict[str, str]]:
+    with open(FIXTURES / "fairface_val_labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def faces() -> list[Path]:
+    """Seven real FairFace val crops (224x224), one per race."""
+    return [FIXTURES / r["file"] for r in fixture_labels()]
+
+
+@pytest.fixture(scope="session")
+def face_rgb(faces) -> np.ndarray:
+    return np.asarray(Image.open(faces[0]).convert("RGB"))
+
+
+def needs_dataset(name: str) -> Path:
+    """The path of a real dataset, or skip saying exactly what is missing."""
+    path = DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"needs the real dataset folder {path.resolve()} (set FACERACE_DATASETS to the folder "
+                    f"holding fairface/ and utkface/)")
+    return path
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels but carries almost no data (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory, faces) -> dict[str, Path]:
+    """Every awkward input of SYSTEM.md section 4, written to files."""
+    d = tmp_path_factory.mktemp("bad")
+    face = Image.open(faces[0]).convert("RGB")
+    out: dict[str, Path] = {}
+
+    def save(name: str, img: Image.Image, **kw) -> None:
+        out[name.split(".")[0]] = d / name
+        img.save(d / name, **kw)
+
+    (d / "notes.jpg").write_text("this is a text file, not a picture\n")
+    out["not_image"] = d / "notes.jpg"
+    buf = io.BytesIO()
+    face.save(buf, "JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    out["truncated"] = d / "truncated.jpg"
+    buf = io.BytesIO()
+    face.save(buf, "PNG")
+    (d / "corrupt.png").write_bytes(buf.getvalue()[:100] + b"\x00" * 500 + buf.getvalue()[600:])
+    out["corrupt_png"] = d / "corrupt.png"
+    (d / "empty.jpg").write_bytes(b"")
+    out["empty"] = d / "empty.jpg"
+    (d / "bomb.png").write_bytes(png_header_only(40000, 40000))
+    out["bomb"] = d / "bomb.png"
+    save("gray.png", face.convert("L"))
+    save("rgba.png", face.convert("RGBA"))
+    g16 = (np.asarray(face.convert("L"), dtype=np.uint16) * 257)
+    save("sixteen.png", Image.fromarray(g16))
+    save("cmyk.jpg", face.convert("CMYK"))
+    save("palette.png", face.convert("P", palette=Image.Palette.ADAPTIVE))
+    rotated = face.rotate(90, expand=True)  # stored sideways, EXIF says rotate back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    save("exif_rotated.jpg", rotated, exif=exif)
+    frames = [face, Image.new("RGB", face.size, (0, 0, 0))]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out["animated"] = d / "animated.gif"
+    save("blank.jpg", Image.new("RGB", (400, 300), (120, 160, 200)))
+    grid = Image.new("RGB", (6 * 224, 5 * 224), (255, 255, 255))
+    for i in range(30):
+        grid.paste(Image.open(faces[i % len(faces)]).convert("RGB"), ((i % 6) * 224, (i // 6) * 224))
+    save("thirty.jpg", grid, quality=92)
+    tiny = Image.new("RGB", (400, 300), (255, 255, 255))
+    tiny.paste(face.resize((30, 30)), (200, 150))  # the face inside is about 20 px wide
+    save("tiny_face.png", tiny)
+    return out

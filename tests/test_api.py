@@ -1,0 +1,45 @@
+import inspect
+import subprocess
+import sys
+
+import facerace
+from facerace import cli, predictor, sources
+from facerace.evaluate import evaluate
+from facerace.train import train
+
+
+def _flags(command: str) -> set[str]:
+    sub = next(a for a in cli._parser()._actions if a.dest == "command").choices[command]
+    return {a.dest for a in sub._actions if a.dest != "help"}
+
+
+def _params(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def test_cli_flags_are_api_parameters():
+    assert _flags("train") <= _params(train)
+    assert _flags("evaluate") <= _params(evaluate)
+    api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
+    assert _flags("predict") - {"format", "output", "annotate"} <= api
+
+
+def test_public_names():
+    assert set(facerace.__all__) == {"analyze", "Predictor", "load_image", "FaceResult", "ImageResult",
+                                     "list_models", "__version__"}
+    assert facerace.list_models()[0]["name"] == "default"
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """import facerace: no heavy imports, no network, no files written."""
+    code = (
+        "import socket, sys\n"
+        "def refuse(*a, **k): raise RuntimeError('network used at import')\n"
+        "socket.socket.connect = refuse\n"
+        "import facerace\n"
+        "heavy = {'cv2', 'dlib', 'matplotlib', 'torch'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    env = {"HOME": str(tmp_path / "home"), "PATH": ""}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    assert not any(tmp_path.iterdir())
