@@ -34,6 +34,27 @@ def face_rgb(faces) -> np.ndarray:
     return np.asarray(Image.open(faces[0]).convert("RGB"))
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="session")
+def chips(faces) -> np.ndarray:
+    """28 real aligned chips: each fixture face as is, mirrored, darker and brighter."""
+    from facerace.align import Aligner
+
+    aligner = Aligner()
+    out = []
+    for path in faces:
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        for image in (rgb, rgb[:, ::-1], rgb * 0.6, rgb * 1.3):
+            image = np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8))
+            out.append(aligner.align(image, [(37, 37, 150, 150)])[1][0])  # a FairFace crop's face region
+    return np.stack(out)
+
+
 def needs_dataset(name: str) -> Path:
     """The path of a real dataset, or skip saying exactly what is missing."""
     path = DATASETS / name

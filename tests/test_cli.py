@@ -104,10 +104,10 @@ def test_every_awkward_input_gives_a_row_and_the_run_goes_on(bad_inputs, faces):
     assert len(by_path[str(bad_inputs["thirty"])]) >= 27
 
 
-def test_usage_errors_exit_2_with_one_line(faces):
+def test_usage_errors_exit_2_with_one_line(faces, tmp_path):
     for args in (("predict", "no/such/file.jpg"), ("predict", faces[0], "--scheme", "race9"),
                  ("predict", faces[0], "--model", "nope"), ("predict", faces[0], "--detector", "mtcnn"),
-                 ("predict", "nothing*.png")):
+                 ("predict", "nothing*.png"), ("predict", tmp_path)):
         code, out, err = run(*args)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, args
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 from facerace.cli import main
 from facerace.errors import FaceraceError
 from facerace.head import RaceHead, fit_temperature, softmax
-from facerace.metrics import choose_threshold, classification_metrics, expected_calibration_error
+from facerace.metrics import choose_threshold, classification_metrics, expected_calibration_error, group_metrics
 from facerace.predictor import Predictor
 from facerace.train import stratified_split
 
@@ -58,7 +58,10 @@ def test_train_then_predict_then_evaluate(tiny_fairface, tmp_path):
     m = json.loads((ev / "metrics.json").read_text())
     assert {"accuracy", "macro_f1", "per_class", "n", "loss", "ece", "per_age"} <= set(m)
     assert m["n"] == 21 and m["scheme"] == "fairface7"
-    assert (ev / "confusion.png").stat().st_size > 0 and (ev / "predictions.csv").stat().st_size > 0
+    for name in ("confusion.png", "reliability.png", "predictions.csv", "report.md"):
+        assert (ev / name).stat().st_size > 0, name
+    assert "![confusion matrices](confusion.png)" in (ev / "report.md").read_text()
+    assert m["per_gender"]["Male"]["n"] == 21 and 0 <= m["per_gender"]["Male"]["macro_f1"] <= 1
     assert main(["evaluate", "--model", str(run), *args, "--scheme", "race6", "--out", str(tmp_path / "e6")]) == 0
     m6 = json.loads((tmp_path / "e6" / "metrics.json").read_text())
     assert m6["merged"] == {"Asian": ["East Asian", "Southeast Asian"]} and m6["accuracy"] >= m["accuracy"]
@@ -112,6 +115,10 @@ def test_metrics_against_hand_computed_values():
         (0.1 + 0.6 + 0.3 + 0.8) / 4)
     assert choose_threshold(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 1, 0, 1.0]), 0.75) == 0.6
     assert choose_threshold(np.array([0.9, 0.8]), np.array([0, 0.0]), 0.75) == 1.0
+    # group "m" = first three: true 0, 1, 1, predicted 0, 0, 1; both classes have F1 2/3
+    groups = group_metrics(["m", "m", "m", None], y, probs.argmax(1), 2)
+    assert groups.keys() == {"m"} and groups["m"]["n"] == 3
+    assert groups["m"]["accuracy"] == pytest.approx(2 / 3) and groups["m"]["macro_f1"] == pytest.approx(2 / 3)
 
 
 def test_temperature_undoes_overconfidence():

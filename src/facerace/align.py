@@ -22,10 +22,11 @@ class Aligner:
 
     def _shapes(self, rgb: np.ndarray, boxes: list[tuple[int, int, int, int]]):
         import dlib
-        import face_recognition_models
+
+        from .backbones import dlib_model_file
 
         if self._predictor is None:
-            self._predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
+            self._predictor = dlib.shape_predictor(str(dlib_model_file("shape_predictor_5_face_landmarks.dat")))
         return [self._predictor(rgb, dlib.rectangle(x, y, x + w, y + h)) for x, y, w, h in boxes]
 
     def align(self, rgb: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
+from importlib import metadata, util
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .errors import check_choice
+from .errors import MissingDependencyError, check_choice
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,20 @@ class Backbone(Protocol):
     dim: int
 
     def embed(self, chips: np.ndarray) -> np.ndarray: ...
+
+
+def dlib_model_file(name: str) -> Path:
+    """A model file of the `face-recognition-models` package, found without importing it.
+
+    (Its `__init__` needs `pkg_resources`, which setuptools >= 81 no longer ships.)
+    """
+    spec = util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError("face-recognition-models is not installed: pip install face-recognition-models")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
+    if not path.is_file():
+        raise MissingDependencyError(f"{path} is missing: reinstall face-recognition-models")
+    return path
 
 
 class DlibResNet:
@@ -52,16 +67,53 @@ class DlibResNet:
             return np.zeros((0, self.dim), np.float32)
         if self._net is None:
             import dlib
-            import face_recognition_models
 
-            self._net = dlib.face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
+            self._net = dlib.face_recognition_model_v1(str(dlib_model_file("dlib_face_recognition_resnet_model_v1.dat")))
         vectors = self._net.compute_face_descriptor([np.ascontiguousarray(c) for c in chips])
         return np.array([np.asarray(v) for v in vectors], dtype=np.float32)
 
 
-BACKBONES = {"dlib-resnet-v1": DlibResNet}
+class DlibResNetOnnx(DlibResNet):
+    """The same network and weights as `DlibResNet`, run by ONNX Runtime (about 10x faster on a CPU).
+
+    The ONNX graph is built from dlib's weights file on first use (`facerace.dlib_onnx`) and
+    cached; descriptors equal dlib's to ~1e-6.
+    """
+
+    name = "dlib-resnet-v1-onnx"
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self._net = None
+
+    def __getstate__(self) -> dict:
+        return {"threads": self.threads, "_net": None}
+
+    @property
+    def version(self) -> str:
+        return f"{super().version}; onnxruntime {metadata.version('onnxruntime')}"
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        if len(chips) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if self._net is None:
+            try:
+                import onnxruntime as ort
+            except ImportError as exc:
+                raise MissingDependencyError("the dlib-resnet-v1-onnx backbone needs onnxruntime: "
+                                             "pip install onnxruntime onnx") from exc
+            from .dlib_onnx import cached_onnx
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            self._net = ort.InferenceSession(str(cached_onnx()), options, providers=["CPUExecutionProvider"])
+        return self._net.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
 
 
-def create_backbone(name: str = "dlib-resnet-v1") -> Backbone:
+BACKBONES = {"dlib-resnet-v1": DlibResNet, "dlib-resnet-v1-onnx": DlibResNetOnnx}
+
+
+def create_backbone(name: str = "dlib-resnet-v1-onnx") -> Backbone:
     """Build the backbone called `name`."""
     return BACKBONES[check_choice("backbone", name, tuple(BACKBONES))]()

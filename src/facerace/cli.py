@@ -15,6 +15,7 @@ USAGE_ERRORS = (InvalidParameterError, DatasetError, ModelNotFoundError)
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .backbones import BACKBONES
     from .detect import DETECTORS
     from .labels import SCHEMES
     from .output import FORMATS
@@ -45,10 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--split", default="train", help="dataset split to train on (default train)")
     tr.add_argument("--val-fraction", type=float, default=0.12, help="held-out validation share (default 0.12)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--hidden", type=int, default=256, help="hidden units of the head; 0 = linear (default 256)")
+    tr.add_argument("--hidden", type=int, default=512, help="hidden units of the head; 0 = linear (default 512)")
+    tr.add_argument("--learning-rate", type=float, default=3e-4, help="Adam step size (default 3e-4)")
+    tr.add_argument("--weight-decay", type=float, default=3e-3, help="L2 penalty (default 3e-3)")
+    tr.add_argument("--dropout", type=float, default=0.6, help="dropout on the hidden layer (default 0.6)")
     tr.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
     tr.add_argument("--max-epochs", type=int, default=200)
     tr.add_argument("--detector", default="yunet", choices=DETECTORS)
+    tr.add_argument("--backbone", default="dlib-resnet-v1-onnx", choices=BACKBONES,
+                    help="frozen face network (default dlib-resnet-v1-onnx: dlib's ResNet run by ONNX Runtime)")
     _data_columns(tr)
     _common(tr)
 
@@ -62,6 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     _common(ev)
 
     sub.add_parser("models", help="list the shipped models")
+
+    st = sub.add_parser("stream", help="label faces live in a webcam, video file or stream URL")
+    st.add_argument("--source", default="0", help="webcam index, video file or URL (default 0)")
+    st.add_argument("--output", type=Path, help="write the annotated video here (.mp4)")
+    st.add_argument("--display", action=argparse.BooleanOptionalAction, default=False,
+                    help="show a window (needs a screen; default off)")
+    st.add_argument("--classify-every", type=int, default=5, help="re-classify each face every N frames")
+    st.add_argument("--smooth", type=int, default=10, help="average a face's last N classifications")
+    st.add_argument("--max-frames", type=int, help="stop after this many frames")
+    st.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    st.add_argument("--scheme", help="label scheme (default: the model's)")
+    st.add_argument("--detector", help="face detector (default: the model's)")
+    st.add_argument("--threshold", type=float, help="confidence below which a face is uncertain")
+
+    sv = sub.add_parser("serve", help="run the HTTP API and web page")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
+    sv.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
 
     ds = sub.add_parser("datasets", help="inspect datasets")
     ds_sub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -87,7 +114,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets}
+        verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets,
+                 "serve": _serve, "stream": _stream}
         return verbs[args.command](args)
     except USAGE_ERRORS as exc:
         print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
@@ -140,8 +168,10 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     run = train(args.data, scheme=args.scheme, out=args.out, split=args.split, val_fraction=args.val_fraction,
-                seed=args.seed, hidden=args.hidden, patience=args.patience, max_epochs=args.max_epochs,
-                detector=args.detector, path_column=args.path_column, label_column=args.label_column,
+                seed=args.seed, hidden=args.hidden, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                dropout=args.dropout, patience=args.patience, max_epochs=args.max_epochs,
+                detector=args.detector, backbone=args.backbone, path_column=args.path_column,
+                label_column=args.label_column,
                 cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
     metrics = json.loads((run / "metrics.json").read_text())
     v = metrics["validation"]
@@ -177,6 +207,37 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{m['name']}  (version {m['version']}, {m['backbone']} + {m['detector']} detector)\n"
               f"  classes: {', '.join(m['classes'])}\n  trained on: {m['trained_on']}\n  measured: {acc}\n"
               f"  uncertain below confidence {m['threshold']}\n  {m['path']}")
+    return 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from .predictor import Predictor
+    from .stream import stream
+
+    predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold)
+    predictor.config
+    for _ in stream(args.source, predictor, output=args.output, display=args.display,
+                    classify_every=args.classify_every, smooth=args.smooth, max_frames=args.max_frames,
+                    report_every_s=2.0):
+        pass
+    if args.output:
+        print(f"annotated video: {args.output}", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from .model import load_config
+
+    load_config(args.model)  # a missing model is a usage error, before the server starts
+    os.environ.update(FACERACE_MODEL=str(args.model), FACERACE_MAX_UPLOAD_BYTES=str(int(args.max_upload_mb * 2**20)),
+                      FACERACE_TIMEOUT_S=str(args.timeout))
+    print(f"facerace serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops", file=sys.stderr)
+    uvicorn.run("facerace.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning")
     return 0
 
 

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from .align import CHIP_PADDING, CHIP_SIZE
-from .datasets import open_dataset
+from .datasets import AGE_GROUPS, open_dataset
 from .embeddings import CropEmbedder, embed_files
 from .errors import DatasetError
 from .labels import MAPPINGS, convert_label, convert_probabilities, get_scheme
-from .metrics import classification_metrics, group_accuracy, reliability
+from .metrics import classification_metrics, group_metrics, reliability
 from .model import load_model
 from .modelcard import evaluation_markdown
 from .plots import plot_confusion, plot_reliability
@@ -79,8 +79,8 @@ def evaluate(
         "threshold": config.threshold,
         "uncertain_fraction": float(1 - certain.mean()),
         "accuracy_when_certain": float(np.mean(y_pred[certain] == y[certain])) if certain.any() else None,
-        "per_gender": group_accuracy([s.gender for s in samples], y, y_pred),
-        "per_age": group_accuracy([s.age for s in samples], y, y_pred),
+        "per_gender": group_metrics([s.gender for s in samples], y, y_pred, len(classes)),
+        "per_age": _by_age(group_metrics([s.age for s in samples], y, y_pred, len(classes))),
         "reliability": reliability(confidence, (y_pred == y).astype(float)),
         "environment": environment(),
     })
@@ -96,6 +96,11 @@ def evaluate(
         for s, t, p, row in zip(samples, y, y_pred, probs):
             w.writerow([s.path, classes[t], classes[p], round(float(row[p]), 4), *(round(float(v), 4) for v in row)])
     return run, metrics
+
+
+def _by_age(groups: dict[str, dict]) -> dict[str, dict]:
+    """Age groups in age order, not alphabetical."""
+    return dict(sorted(groups.items(), key=lambda kv: AGE_GROUPS.index(kv[0]) if kv[0] in AGE_GROUPS else 99))
 
 
 def _merged(source: str, target: str) -> dict[str, list[str]]:

@@ -71,13 +71,17 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     }
 
 
-def group_accuracy(groups: Sequence[str | None], y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, dict]:
-    """Accuracy and count per group value (e.g. gender or age group); None values skipped."""
+def group_metrics(groups: Sequence[str | None], y_true: np.ndarray, y_pred: np.ndarray,
+                  n_classes: int) -> dict[str, dict]:
+    """Count, accuracy and macro-F1 per group value (e.g. gender or age group); None values skipped."""
     out = {}
     arr = np.array([g if g is not None else "" for g in groups])
     for g in sorted(set(arr) - {""}):
         mask = arr == g
-        out[g] = {"n": int(mask.sum()), "accuracy": float(np.mean(y_true[mask] == y_pred[mask]))}
+        pc = per_class(confusion_matrix(y_true[mask], y_pred[mask], n_classes), [str(i) for i in range(n_classes)])
+        f1 = [c["f1"] for c in pc.values() if c["support"] > 0]
+        out[g] = {"n": int(mask.sum()), "accuracy": float(np.mean(y_true[mask] == y_pred[mask])),
+                  "macro_f1": float(np.mean(f1)) if f1 else 0.0}
     return out
 
 

@@ -32,8 +32,8 @@ def evaluation_markdown(m: dict[str, Any]) -> list[str]:
               for c, v in m["per_class"].items()]
     for key, title in (("per_gender", "gender"), ("per_age", "age group")):
         if m.get(key):
-            lines += ["", f"| {title} | n | accuracy |", "|---|---|---|"]
-            lines += [f"| {g} | {v['n']} | {_pct(v['accuracy'])} |" for g, v in m[key].items()]
+            lines += ["", f"| {title} | n | accuracy | macro-F1 |", "|---|---|---|---|"]
+            lines += [f"| {g} | {v['n']} | {_pct(v['accuracy'])} | {v['macro_f1']:.3f} |" for g, v in m[key].items()]
     env = m.get("environment", {})
     lines += ["", f"_Measured {env.get('date', '?')} on {env.get('machine', '?')}, facerace {env.get('facerace', '?')}._", ""]
     return lines
@@ -52,7 +52,7 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         "## Model",
         f"- Pipeline: detector `{config.detector}` -> dlib 5-point alignment ({config.chip_size} px chip, "
         f"padding {config.chip_padding}) -> frozen backbone `{config.backbone}` ({config.backbone_version}) -> "
-        "a small trained head (standardise, 256 ReLU units, softmax) with temperature scaling.",
+        "a small trained head (standardise, 512 ReLU units with dropout, softmax) with temperature scaling.",
         f"- Classes (`{config.scheme}`): {', '.join(config.classes)}. Coarser schemes (`race6`, `utk5`, `race4`) "
         "are sums of these probabilities through the tables in `facerace/labels.py`.",
         f"- Uncertain: a face whose top probability is below **{config.threshold}** is returned with "

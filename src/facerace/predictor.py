@@ -6,6 +6,7 @@ worker processes (one model per worker).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -58,6 +59,20 @@ class Predictor:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_loaded": None}
 
+    def replace(self, **options) -> "Predictor":
+        """A copy with some options changed that shares this one's loaded model (cheap per request)."""
+        unknown = set(options) - {"scheme", "detector", "threshold", "min_face", "upsample", "max_pixels"}
+        if unknown:
+            raise InvalidParameterError(f"Predictor.replace: unknown option(s) {sorted(unknown)}")
+        clone = copy.copy(self)
+        clone.__dict__.update(options)
+        clone._config = None
+        clone.config  # validates the new options
+        if self._loaded is not None:
+            detector = clone._make_detector() if {"detector", "upsample"} & set(options) else self._loaded[0]
+            clone._loaded = (detector, *self._loaded[1:])
+        return clone
+
     # ---- lazy parts ------------------------------------------------------------
     @property
     def config(self) -> ModelConfig:
@@ -79,6 +94,7 @@ class Predictor:
 
     @property
     def threshold_(self) -> float:
+        """Confidence below which a face is marked uncertain."""
         return self.config.threshold if self.threshold is None else self.threshold
 
     def _make_detector(self) -> Detector:
@@ -140,19 +156,8 @@ class Predictor:
             if min(d.box[2], d.box[3]) < self.min_face:
                 results.append(FaceResult(box=d.box, detection_score=d.score, status="too_small"))
                 continue
-            p = probs[k]
-            top = int(np.argmax(p))
-            results.append(
-                FaceResult(
-                    box=d.box,
-                    landmarks=tuple((float(x), float(y)) for x, y in landmarks[k]),
-                    detection_score=round(d.score, 4),
-                    label=classes[top],
-                    confidence=round(float(p[top]), 4),
-                    uncertain=bool(p[top] < threshold),
-                    probabilities={c: round(float(v), 4) for c, v in zip(classes, p)},
-                )
-            )
+            results.append(FaceResult.from_probabilities(d.box, probs[k], classes, threshold,
+                                                         landmarks=landmarks[k], detection_score=d.score))
             k += 1
         timings = {"read": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed_classify": t4 - t3}
         return ImageResult(path=name, faces=tuple(results), shape=rgb.shape[:2],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 #: The keys of every output row (JSON, JSONL, CSV, HTTP), in order; error rows add "error".
 ROW_KEYS = ("path", "face", "status", "box", "label", "confidence", "uncertain", "probabilities")
@@ -26,6 +26,22 @@ class FaceResult:
     uncertain: bool = True
     probabilities: dict[str, float] | None = None
     status: str = "ok"
+
+    @classmethod
+    def from_probabilities(cls, box: tuple[int, int, int, int], probs: Sequence[float], classes: Sequence[str],
+                           threshold: float, *, landmarks: Sequence[Sequence[float]] = (),
+                           detection_score: float = 1.0) -> "FaceResult":
+        """The result for one face from its probability vector (columns in `classes` order)."""
+        top = max(range(len(classes)), key=lambda i: probs[i])
+        return cls(
+            box=tuple(int(v) for v in box),
+            landmarks=tuple((float(x), float(y)) for x, y in landmarks),
+            detection_score=round(float(detection_score), 4),
+            label=classes[top],
+            confidence=round(float(probs[top]), 4),
+            uncertain=bool(probs[top] < threshold),
+            probabilities={c: round(float(v), 4) for c, v in zip(classes, probs)},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""

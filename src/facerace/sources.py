@@ -34,7 +34,10 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
-            out += [Source(str(f)) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            found = [Source(str(f)) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            if not found:
+                raise InvalidParameterError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            out += found
         elif p.is_file() and p.suffix.lower() == ".csv":
             out += _from_csv(p, column, Path(root) if root else None)
         elif p.exists():

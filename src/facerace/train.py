@@ -68,11 +68,14 @@ def train(
     split: str = "train",
     val_fraction: float = 0.12,
     seed: int = 0,
-    hidden: int = 256,
+    hidden: int = 512,
+    learning_rate: float = 3e-4,
+    weight_decay: float = 3e-3,
+    dropout: float = 0.6,
     patience: int = 15,
     max_epochs: int = 200,
     detector: str = "yunet",
-    backbone: str = "dlib-resnet-v1",
+    backbone: str = "dlib-resnet-v1-onnx",
     threshold_target: float = 0.8,
     path_column: str = "path",
     label_column: str = "label",
@@ -97,7 +100,8 @@ def train(
                                             path_column=path_column, label_column=label_column,
                                             cache_dir=cache_dir, workers=workers, quiet=quiet)
     tr, va = stratified_split(y, val_fraction, seed)
-    head = RaceHead(classes, hidden=hidden, patience=patience, max_epochs=max_epochs, random_state=seed)
+    head = RaceHead(classes, hidden=hidden, learning_rate=learning_rate, weight_decay=weight_decay, dropout=dropout,
+                    patience=patience, max_epochs=max_epochs, random_state=seed)
     with tqdm(total=max_epochs, desc="training", unit="epoch", disable=quiet) as bar:
         def on_epoch(epoch, h):
             bar.update(1)
@@ -110,7 +114,8 @@ def train(
     threshold = choose_threshold(confidence, correct, threshold_target)
 
     settings = {"data": list(data), "scheme": scheme, "split": split, "val_fraction": val_fraction, "seed": seed,
-                "hidden": hidden, "patience": patience, "max_epochs": max_epochs, "detector": detector,
+                "hidden": hidden, "learning_rate": learning_rate, "weight_decay": weight_decay, "dropout": dropout,
+                "patience": patience, "max_epochs": max_epochs, "detector": detector,
                 "backbone": backbone, "threshold_target": threshold_target}
     write_json(run / "config.json", {**settings, "environment": environment()})
     config = ModelConfig(

@@ -1,0 +1,138 @@
+"""A PyTorch port of dlib's ResNet face descriptor, with the weights read by `dlib_format`.
+
+Numerically the same network as dlib's own (see tests/test_dlib_torch.py); the base for
+fine-tuning and for the ONNX export.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dlib_format import CHIP_SIZE, MEAN_RGB, STAGES, network, read_dlib_resnet
+
+class Affine(nn.Module):
+    """dlib's `affine` layer in CONV_MODE: a fixed per-channel scale and shift."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma[:, None, None] + self.beta[:, None, None]
+
+
+def add_zero_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """dlib's `add_prev`: a + b, the smaller zero-padded at the end of channels, rows and columns."""
+    size = [max(p, q) for p, q in zip(a.shape[1:], b.shape[1:])]
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        c, h, w = t.shape[1:]
+        return F.pad(t, (0, size[2] - w, 0, size[1] - h, 0, size[0] - c)) if [c, h, w] != size else t
+
+    return pad(a) + pad(b)
+
+
+class Residual(nn.Module):
+    """dlib's `ares` / `ares_down`: relu(block(x) + x), or with x average-pooled 2x2 when downsampling.
+
+    The block is con 3x3 (stride 2 and no padding when downsampling, else stride 1 and
+    padding 1), affine, relu, con 3x3, affine.
+    """
+
+    def __init__(self, in_channels: int, channels: int, down: bool) -> None:
+        super().__init__()
+        self.down = down
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=2 if down else 1, padding=0 if down else 1)
+        self.affine1 = Affine(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.affine2 = Affine(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
+        shortcut = F.avg_pool2d(x, 2) if self.down else x
+        return F.relu(add_zero_padded(y, shortcut))
+
+
+class DlibResNet(nn.Module):
+    """dlib's ResNet face descriptor: (n, 3, 150, 150) from `chips_to_tensor` -> (n, 128)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 7, stride=2)
+        self.affine = Affine(32)
+        blocks = []
+        in_channels = 32
+        for channels, count, down in STAGES:
+            for i in range(count):
+                blocks.append(Residual(in_channels, channels, down and i == 0))
+                in_channels = channels
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_channels, 128, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.affine(self.conv(x))), 3, stride=2)
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+    @torch.no_grad()
+    def load_dlib(self, net: dict[str, Any]) -> "DlibResNet":
+        """Copy the weights of `dlib_format.network(...)` into this module."""
+
+        def conv(module: nn.Conv2d, layer: dict[str, Any]) -> None:
+            module.weight.copy_(torch.from_numpy(layer["weight"]))
+            module.bias.copy_(torch.from_numpy(layer["bias"]))
+
+        def affine(module: Affine, layer: dict[str, Any]) -> None:
+            module.gamma.copy_(torch.from_numpy(layer["gamma"]))
+            module.beta.copy_(torch.from_numpy(layer["beta"]))
+
+        conv(self.conv, net["stem"]["conv"])
+        affine(self.affine, net["stem"]["affine"])
+        for block, parts in zip(self.blocks, net["blocks"], strict=True):
+            conv(block.conv1, parts["conv1"])
+            affine(block.affine1, parts["affine1"])
+            conv(block.conv2, parts["conv2"])
+            affine(block.affine2, parts["affine2"])
+        self.fc.weight.copy_(torch.from_numpy(net["fc"]))
+        return self
+
+
+def load_dlib_resnet(path: str | Path | None = None) -> DlibResNet:
+    """The port with the weights of dlib's model file (default: `face-recognition-models`'), in eval mode."""
+    return DlibResNet().load_dlib(network(read_dlib_resnet(path))).eval()
+
+
+def chips_to_tensor(chips: np.ndarray) -> torch.Tensor:
+    """dlib's `input_rgb_image_sized<150>`: (n, 150, 150, 3) uint8 RGB -> (n, 3, 150, 150) (x - mean) / 256."""
+    chips = np.asarray(chips)
+    if chips.ndim != 4 or chips.shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3) or chips.dtype != np.uint8:
+        raise ValueError(f"expected (n, {CHIP_SIZE}, {CHIP_SIZE}, 3) uint8 chips, got {chips.shape} {chips.dtype}")
+    mean = torch.tensor(MEAN_RGB, dtype=torch.float32)[:, None, None]
+    return (torch.from_numpy(chips).permute(0, 3, 1, 2).float() - mean) / 256
+
+
+def export_onnx(model: DlibResNet, path: str | Path) -> None:
+    """Write `model` as ONNX (opset 17), input "chips" (n, 3, 150, 150) -> output "descriptors" (n, 128)."""
+    with warnings.catch_warnings():
+        # The trace fixes the spatial sizes (the network takes 150x150 chips only); the batch axis stays dynamic.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The TorchScript exporter is deprecated, but the torch.export one needs the extra `onnxscript` package.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, CHIP_SIZE, CHIP_SIZE),),
+            str(path),
+            input_names=["chips"],
+            output_names=["descriptors"],
+            dynamic_axes={"chips": {0: "batch"}, "descriptors": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )

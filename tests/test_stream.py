@@ -1,0 +1,63 @@
+"""`facerace stream` on a short video built from real faces moving across the frame."""
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from facerace.cli import main
+from facerace.stream import Tracker, iou, stream
+from facerace.detect import Detection
+
+FRAMES = 24
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory, faces):
+    """640x480, 24 frames: two real faces sliding right by 6 px per frame."""
+    path = tmp_path_factory.mktemp("video") / "two_faces.mp4"
+    a = np.asarray(Image.open(faces[0]).convert("RGB").resize((160, 160)))
+    b = np.asarray(Image.open(faces[1]).convert("RGB").resize((160, 160)))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 12, (640, 480))
+    for i in range(FRAMES):
+        frame = np.full((480, 640, 3), 200, np.uint8)
+        frame[60:220, 20 + 6 * i:180 + 6 * i] = a
+        frame[280:440, 300 + 6 * i:460 + 6 * i] = b
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    return path
+
+
+def test_tracks_follow_faces_with_stable_labels(video, tmp_path):
+    out = tmp_path / "out.mp4"
+    frames = list(stream(str(video), output=out, classify_every=4))
+    assert len(frames) == FRAMES
+    tracks: dict[int, list] = {}
+    for f in frames:
+        assert len(f.faces) == 2
+        for tf in f.faces:
+            tracks.setdefault(tf.track_id, []).append(tf.face)
+    assert len(tracks) == 2  # no track lost or split while the faces move
+    for faces in tracks.values():
+        assert len({f.label for f in faces}) == 1  # smoothed: no flicker
+        xs = [f.box[0] for f in faces]
+        assert xs[-1] - xs[0] > 100  # the box moved with the face
+    written = cv2.VideoCapture(str(out))
+    assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
+    written.release()
+
+
+def test_cli_stream_headless(video, tmp_path, capsys):
+    out = tmp_path / "cli.mp4"
+    assert main(["stream", "--source", str(video), "--output", str(out), "--no-display", "--max-frames", "10"]) == 0
+    assert out.stat().st_size > 0 and "frames/s" in capsys.readouterr().err
+    assert main(["stream", "--source", str(tmp_path / "missing.mp4")]) == 2
+
+
+def test_tracker_matches_by_iou():
+    tracker = Tracker()
+    first = tracker.update([Detection((0, 0, 10, 10), 1.0), Detection((50, 50, 10, 10), 1.0)], 0)
+    second = tracker.update([Detection((52, 51, 10, 10), 1.0), Detection((1, 0, 10, 10), 1.0)], 1)
+    assert {t.id for t, _ in first} == {t.id for t, _ in second} == {1, 2}
+    assert dict((t.id, d.box[0]) for t, d in second) == {1: 1, 2: 52}
+    assert iou((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(50 / 150)
