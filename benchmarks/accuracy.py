@@ -31,7 +31,7 @@ def main() -> None:
     print(f"\nmodel `{args.model}`; {env['date']}; {env['machine']}; facerace {env['facerace']}\n")
     print("| data | scheme | n | faces detected | accuracy | macro-F1 | ECE | recall per class |")
     print("|---|---|---|---|---|---|---|---|")
-    for run, m in results:
+    for _, m in results:
         recall = ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
         print(f"| {m['data']['spec'].split(':')[0]} {m['data']['split']} | {m['scheme']} | {m['n']} | "
               f"{m['data']['face_detected_fraction']:.1%} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | "

@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py --fairface ../shared/datasets/fairface [--requests 500] [--clients 8]
 
-Starts the server, warms it up, sends the requests, prints requests/s, latency percentiles,
+Starts the server, warms it up (--warmup requests, not counted), sends the requests, prints requests/s, latency percentiles,
 errors and the server's memory (whole process tree) before and after, then stops it.
 """
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="server processes")
+    ap.add_argument("--warmup", type=int, default=200, help="requests before the 'before' memory reading")
     args = ap.parse_args()
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
         photos = [(args.fairface / r["file"]).read_bytes() for r in list(csv.DictReader(f))[:100]]
@@ -51,9 +52,6 @@ def main() -> None:
                         break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            for photo in photos[: 4 * args.workers]:  # warm-up: every worker loads its model
-                client.post(url + "/v1/analyze", files={"file": ("w.jpg", photo, "image/jpeg")})
-        rss_before = tree_rss_mb(server.pid)
 
         def one(i: int) -> tuple[float, bool]:
             start = time.perf_counter()
@@ -66,10 +64,12 @@ def main() -> None:
             return time.perf_counter() - start, ok
 
         clients = [httpx.Client(timeout=120) for _ in range(args.clients)]
-        start = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(one, range(args.warmup)))  # every worker loads its model and fills its buffers
+            rss_before = tree_rss_mb(server.pid)
+            start = time.perf_counter()
             results = list(pool.map(one, range(args.requests)))
-        elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start
         for c in clients:
             c.close()
         rss_after = tree_rss_mb(server.pid)

@@ -55,8 +55,8 @@ def main() -> None:
     first = statistics.median(first_prediction_seconds(paths[0]) for _ in range(args.repeats))
     env = environment()
     print(f"\n{len(paths)} FairFace val images, detector {args.detector}; {env['date']}; {env['machine']}\n")
-    print("| processes | faces/s (median of %d) | median ms per image: read / detect / align / embed+classify |"
-          % args.repeats)
+    print(f"| processes | faces/s (median of {args.repeats}) | median ms per image: "
+          "read / detect / align / embed+classify |")
     print("|---|---|---|")
     for workers, fps, st in rows:
         stages = " / ".join(f"{st[k]:.1f}" for k in ("read", "detect", "align", "embed_classify"))

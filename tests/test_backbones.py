@@ -44,3 +44,13 @@ def test_onnx_file_is_built_once_and_cached(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert cached_onnx(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert list(first.parent.iterdir()) == [first]  # no partial files left behind
+
+
+def test_flip_average_is_the_mean_of_chip_and_mirror(chips):
+    from facerace.backbones import embed_chips
+
+    backbone = create_backbone("dlib-resnet-v1-onnx")
+    both = embed_chips(backbone, chips[:4], flip_average=True)
+    expected = (backbone.embed(chips[:4]) + backbone.embed(np.ascontiguousarray(chips[:4, :, ::-1]))) / 2
+    np.testing.assert_allclose(both, expected, atol=1e-5)
+    assert not np.allclose(both, backbone.embed(chips[:4]), atol=1e-3)

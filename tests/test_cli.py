@@ -64,7 +64,7 @@ def test_folder_glob_and_csv_sources(faces, tmp_path):
     code, out, _ = run("predict", f"{tmp_path}/photos/**/*.jpg", "--workers", "1")
     assert code == 0 and len(out.splitlines()) == 3
     listing = tmp_path / "photos" / "list.csv"
-    listing.write_text("file,note\nnested/%s,a\nnested/missing.jpg,b\n../../etc/passwd,c\n,d\n" % faces[0].name)
+    listing.write_text(f"file,note\nnested/{faces[0].name},a\nnested/missing.jpg,b\n../../etc/passwd,c\n,d\n")
     code, out, _ = run("predict", listing)
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["status"] for r in rows] == ["ok", "error", "error", "error"]

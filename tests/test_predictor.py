@@ -64,6 +64,7 @@ def test_all_input_types_and_batches(predictor, faces):
     arr = np.asarray(Image.open(faces[2]).convert("RGB"))
     results = predictor.predict([str(faces[2]), faces[2].read_bytes(), Image.open(faces[2]), arr])
     assert len(results) == 4
+    assert len(predictor.predict(p for p in faces[:2])) == 2 and len(predictor.predict(arr)) == 1
     assert len({r.faces[0].label for r in results}) == 1
 
 
@@ -101,11 +102,11 @@ def test_other_detectors_find_the_face(faces):
 
 def test_options_are_validated():
     with pytest.raises(InvalidParameterError, match="scheme"):
-        facerace.Predictor(scheme="race9").config
+        facerace.Predictor(scheme="race9").validate()
     with pytest.raises(InvalidParameterError, match="detector"):
-        facerace.Predictor(detector="mtcnn").config
+        facerace.Predictor(detector="mtcnn").validate()
     with pytest.raises(InvalidParameterError, match="threshold"):
-        facerace.Predictor(threshold=2).config
+        facerace.Predictor(threshold=2).validate()
 
 
 def test_parallel_paths_match_serial(predictor, faces):

@@ -114,6 +114,14 @@ class DlibResNetOnnx(DlibResNet):
 BACKBONES = {"dlib-resnet-v1": DlibResNet, "dlib-resnet-v1-onnx": DlibResNetOnnx}
 
 
+def embed_chips(backbone: Backbone, chips: np.ndarray, *, flip_average: bool = False) -> np.ndarray:
+    """Embeddings of chips; with `flip_average`, the mean of each chip's and its mirror image's."""
+    if not flip_average or len(chips) == 0:
+        return backbone.embed(chips)
+    both = backbone.embed(np.concatenate([chips, chips[:, :, ::-1]]))
+    return (both[: len(chips)] + both[len(chips) :]) / 2
+
+
 def create_backbone(name: str = "dlib-resnet-v1-onnx") -> Backbone:
     """Build the backbone called `name`."""
     return BACKBONES[check_choice("backbone", name, tuple(BACKBONES))]()

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--detector", default="yunet", choices=DETECTORS)
     tr.add_argument("--backbone", default="dlib-resnet-v1-onnx", choices=BACKBONES,
                     help="frozen face network (default dlib-resnet-v1-onnx: dlib's ResNet run by ONNX Runtime)")
+    tr.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
+                    help="embed each face as the mean of it and its mirror image, in training and prediction")
     _data_columns(tr)
     _common(tr)
 
@@ -123,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FaceraceError as exc:
         print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # an output file that cannot be written, a full disk, ...
+        print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"facerace {args.command}: interrupted (finished work was kept)", file=sys.stderr)
         return 130
@@ -140,10 +145,12 @@ def _predict(args: argparse.Namespace) -> int:
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold,
                           min_face=args.min_face)
-    predictor.config  # validate model, scheme, detector and threshold before any work
+    predictor.validate()  # model, scheme, detector and threshold, before any work
     sources = expand(args.paths, column=args.column, root=args.root)
     good = [s.path for s in sources if s.error is None]
     results = iter(predictor.predict_paths(good, workers=args.workers))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
     stream = open(args.output, "w", newline="") if args.output else sys.stdout
     fmt = args.format or ("table" if stream.isatty() else "jsonl")
     writer = RowWriter(stream, fmt, predictor.classes_)
@@ -170,7 +177,8 @@ def _train(args: argparse.Namespace) -> int:
     run = train(args.data, scheme=args.scheme, out=args.out, split=args.split, val_fraction=args.val_fraction,
                 seed=args.seed, hidden=args.hidden, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                 dropout=args.dropout, patience=args.patience, max_epochs=args.max_epochs,
-                detector=args.detector, backbone=args.backbone, path_column=args.path_column,
+                detector=args.detector, backbone=args.backbone, flip_average=args.flip_average,
+                path_column=args.path_column,
                 label_column=args.label_column,
                 cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -215,7 +223,7 @@ def _stream(args: argparse.Namespace) -> int:
     from .stream import stream
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold)
-    predictor.config
+    predictor.validate()
     for _ in stream(args.source, predictor, output=args.output, display=args.display,
                     classify_every=args.classify_every, smooth=args.smooth, max_frames=args.max_frames,
                     report_every_s=2.0):

@@ -83,7 +83,7 @@ class DlibResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
     @torch.no_grad()
-    def load_dlib(self, net: dict[str, Any]) -> "DlibResNet":
+    def load_dlib(self, net: dict[str, Any]) -> DlibResNet:
         """Copy the weights of `dlib_format.network(...)` into this module."""
 
         def conv(module: nn.Conv2d, layer: dict[str, Any]) -> None:

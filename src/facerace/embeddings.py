@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .align import Aligner
-from .backbones import create_backbone
+from .backbones import create_backbone, embed_chips
 from .cache import EmbeddingCache
 from .detect import create_detector, known_face_region
 from .errors import ImageError
@@ -32,6 +32,7 @@ class CropEmbedder:
     chip_size: int
     chip_padding: float
     face_padding: float
+    flip_average: bool = False
 
     def __post_init__(self) -> None:
         self._parts = None
@@ -43,7 +44,7 @@ class CropEmbedder:
     def pipeline_id(self) -> str:
         b = create_backbone(self.backbone)
         return (f"{b.name}|{b.version}|det={self.detector}|chip={self.chip_size}/{self.chip_padding}"
-                f"|fallback={self.face_padding}|min={MIN_FACE}")
+                f"|fallback={self.face_padding}|min={MIN_FACE}" + ("|flip-average" if self.flip_average else ""))
 
     def __call__(self, path: str) -> tuple[np.ndarray | None, bool, str | None]:
         """(embedding, detected, error) for one image file."""
@@ -61,7 +62,7 @@ class CropEmbedder:
         faces = [d for d in detector.detect(rgb) if min(d.box[2], d.box[3]) >= MIN_FACE]
         face = faces[0] if faces else known_face_region(rgb.shape, self.face_padding)
         _, chips = aligner.align(rgb, [face.box])
-        return backbone.embed(chips)[0], bool(faces), None
+        return embed_chips(backbone, chips, flip_average=self.flip_average)[0], bool(faces), None
 
 
 def _ignore_sigint() -> None:

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from .align import CHIP_PADDING, CHIP_SIZE
 from .datasets import AGE_GROUPS, open_dataset
 from .embeddings import CropEmbedder, embed_files
 from .errors import DatasetError
@@ -57,7 +56,8 @@ def evaluate(
     if not keep:
         raise DatasetError(f"{data}: no images whose class exists in scheme {scheme!r}")
     run = new_run_dir(out, "evaluate")
-    embedder = CropEmbedder(config.detector, config.backbone, CHIP_SIZE, CHIP_PADDING, ds.face_padding)
+    embedder = CropEmbedder(config.detector, config.backbone, config.chip_size, config.chip_padding, ds.face_padding,
+                            config.flip_average)
     emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=workers,
                       progress=not quiet, desc=f"embedding {ds.kind}")
     samples = [s for s, ok in zip(keep, emb.ok) if ok]
@@ -75,7 +75,7 @@ def evaluate(
                  "face_detected_fraction": float(emb.detected.mean()),
                  "known_region_used": int((~emb.detected).sum())},
         "scheme": scheme,
-        "merged": {k: v for k, v in _merged(config.scheme, scheme).items()},
+        "merged": _merged(config.scheme, scheme),
         "threshold": config.threshold,
         "uncertain_fraction": float(1 - certain.mean()),
         "accuracy_when_certain": float(np.mean(y_pred[certain] == y[certain])) if certain.any() else None,

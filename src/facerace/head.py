@@ -97,7 +97,7 @@ class RaceHead:
         y_val: np.ndarray,
         *,
         on_epoch: Callable[[int, History], None] | None = None,
-    ) -> "RaceHead":
+    ) -> RaceHead:
         """Train on (x, y) with early stopping on (x_val, y_val); labels are class indices."""
         if not self.classes:
             raise InvalidParameterError("RaceHead needs classes=(...) before fit")
@@ -177,7 +177,7 @@ class RaceHead:
         save_file({k: np.ascontiguousarray(t) for k, t in tensors.items()}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path, classes: tuple[str, ...]) -> "RaceHead":
+    def load(cls, path: str | Path, classes: tuple[str, ...]) -> RaceHead:
         """Read a head written by `save`; `classes` come from the model's config."""
         from safetensors.numpy import load_file
 

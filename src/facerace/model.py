@@ -36,6 +36,7 @@ class ModelConfig:
     chip_padding: float
     threshold: float
     threshold_rule: str
+    flip_average: bool = False
     weights: str = WEIGHTS_FILE
     sha256: str = ""
     trained_on: str = ""
@@ -47,7 +48,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return cls(**{**d, "classes": tuple(d["classes"])})
 
 

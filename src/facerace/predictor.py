@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .align import Aligner
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, create_backbone, embed_chips
 from .detect import Detection, Detector, create_detector
 from .errors import FaceraceError, ImageError, InvalidParameterError
 from .images import MAX_PIXELS, ImageInput, describe, load_image
@@ -59,7 +60,7 @@ class Predictor:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_loaded": None}
 
-    def replace(self, **options) -> "Predictor":
+    def replace(self, **options) -> Predictor:
         """A copy with some options changed that shares this one's loaded model (cheap per request)."""
         unknown = set(options) - {"scheme", "detector", "threshold", "min_face", "upsample", "max_pixels"}
         if unknown:
@@ -67,11 +68,16 @@ class Predictor:
         clone = copy.copy(self)
         clone.__dict__.update(options)
         clone._config = None
-        clone.config  # validates the new options
+        clone.validate()
         if self._loaded is not None:
             detector = clone._make_detector() if {"detector", "upsample"} & set(options) else self._loaded[0]
             clone._loaded = (detector, *self._loaded[1:])
         return clone
+
+    def validate(self) -> Predictor:
+        """Check the model and every option now (reads only the model's config); return self."""
+        _ = self.config
+        return self
 
     # ---- lazy parts ------------------------------------------------------------
     @property
@@ -120,7 +126,7 @@ class Predictor:
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """Embeddings (n, dim) of aligned chips (n, s, s, 3) uint8."""
-        return self._parts()[2].embed(chips)
+        return embed_chips(self._parts()[2], chips, flip_average=self.config.flip_average)
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """Probabilities (n, len(classes_)) for embeddings, in the chosen scheme."""
@@ -164,17 +170,16 @@ class Predictor:
                            timings_ms={s: round(v * 1000, 2) for s, v in timings.items()})
 
     def predict(self, images: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
-        """Analyse one image or a list of images; one ImageResult per image, in order."""
-        if isinstance(images, (list, tuple)):
-            return [self.predict_image(im) for im in images]
-        return [self.predict_image(images)]
+        """Analyse one image or an iterable of images; one ImageResult per image, in order."""
+        single = isinstance(images, (str, os.PathLike, bytes, np.ndarray, Image.Image)) or hasattr(images, "read")
+        return [self.predict_image(im) for im in ([images] if single else images)]
 
     __call__ = predict
 
     def predict_paths(self, paths: Sequence[str | Path], *, workers: int | None = None) -> Iterator[ImageResult]:
         """Yield results for files in order, using `workers` processes (default: all cores)."""
         workers = min(workers or os.cpu_count() or 1, max(1, len(paths)))
-        self.config  # validate options before starting workers
+        self.validate()  # before starting workers
         if workers <= 1 or len(paths) < 4:
             for p in paths:
                 yield self.predict_image(p)

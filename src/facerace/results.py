@@ -30,7 +30,7 @@ class FaceResult:
     @classmethod
     def from_probabilities(cls, box: tuple[int, int, int, int], probs: Sequence[float], classes: Sequence[str],
                            threshold: float, *, landmarks: Sequence[Sequence[float]] = (),
-                           detection_score: float = 1.0) -> "FaceResult":
+                           detection_score: float = 1.0) -> FaceResult:
         """The result for one face from its probability vector (columns in `classes` order)."""
         top = max(range(len(classes)), key=lambda i: probs[i])
         return cls(

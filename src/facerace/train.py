@@ -33,6 +33,7 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 def load_embeddings(specs: Sequence[str], split: str, scheme: str, *, detector: str, backbone: str,
+                    flip_average: bool = True,
                     path_column: str = "path", label_column: str = "label", cache_dir=None, workers=None,
                     quiet=False):
     """Embeddings, class indices in `scheme`, and a report, for every sample of the datasets."""
@@ -41,7 +42,7 @@ def load_embeddings(specs: Sequence[str], split: str, scheme: str, *, detector: 
     for spec in specs:
         ds = open_dataset(spec, split, path_column=path_column, label_column=label_column)
         keep = [s for s in ds.samples if convert_label(s.label, ds.scheme, scheme) is not None]
-        embedder = CropEmbedder(detector, backbone, CHIP_SIZE, CHIP_PADDING, ds.face_padding)
+        embedder = CropEmbedder(detector, backbone, CHIP_SIZE, CHIP_PADDING, ds.face_padding, flip_average)
         emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=workers,
                           progress=not quiet, desc=f"embedding {ds.kind}")
         kept = [s for s, ok in zip(keep, emb.ok) if ok]
@@ -76,6 +77,7 @@ def train(
     max_epochs: int = 200,
     detector: str = "yunet",
     backbone: str = "dlib-resnet-v1-onnx",
+    flip_average: bool = True,
     threshold_target: float = 0.8,
     path_column: str = "path",
     label_column: str = "label",
@@ -97,6 +99,7 @@ def train(
     classes = get_scheme(scheme).classes
     run = new_run_dir(out, "train")
     x, y, samples, report = load_embeddings(data, split, scheme, detector=detector, backbone=backbone,
+                                            flip_average=flip_average,
                                             path_column=path_column, label_column=label_column,
                                             cache_dir=cache_dir, workers=workers, quiet=quiet)
     tr, va = stratified_split(y, val_fraction, seed)
@@ -116,12 +119,12 @@ def train(
     settings = {"data": list(data), "scheme": scheme, "split": split, "val_fraction": val_fraction, "seed": seed,
                 "hidden": hidden, "learning_rate": learning_rate, "weight_decay": weight_decay, "dropout": dropout,
                 "patience": patience, "max_epochs": max_epochs, "detector": detector,
-                "backbone": backbone, "threshold_target": threshold_target}
+                "backbone": backbone, "flip_average": flip_average, "threshold_target": threshold_target}
     write_json(run / "config.json", {**settings, "environment": environment()})
     config = ModelConfig(
         name=run.name, version=run.name, scheme=scheme, classes=classes, backbone=backbone,
         backbone_version=_backbone_version(backbone), detector=detector, chip_size=CHIP_SIZE,
-        chip_padding=CHIP_PADDING, threshold=round(threshold, 4),
+        chip_padding=CHIP_PADDING, threshold=round(threshold, 4), flip_average=flip_average,
         threshold_rule=f"lowest confidence at which held-out validation faces are right >= {threshold_target:.0%}"
                        f" of the time (coverage {float((confidence >= threshold).mean()):.1%} of validation faces)",
         trained_on=", ".join(data) + f" (split {split}, {len(tr)} train / {len(va)} validation images)",

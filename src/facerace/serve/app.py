@@ -33,7 +33,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app around one lazily loaded Predictor."""
     base = Predictor(model, max_pixels=max_pixels)
-    base.config  # fail at start-up, not on the first request, if the model is missing
+    base.validate()  # fail at start-up, not on the first request, if the model is missing
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facerace-infer")
     app = FastAPI(title="facerace", version=_version(),
                   description="Perceived race category of every face in a photo. Categories are perceived, "
@@ -75,7 +75,7 @@ def create_app(
         loop = asyncio.get_running_loop()
         try:
             result = await asyncio.wait_for(loop.run_in_executor(executor, predictor.predict_image, data), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HTTPException(504, f"analysis took longer than {timeout_s:.0f} s") from None
         if result.error is not None:
             raise HTTPException(422, f"{file.filename or 'upload'}: {result.error}")
