@@ -21,7 +21,8 @@ def test_cli_flags_are_api_parameters():
     assert _flags("train") <= _params(train)
     assert _flags("evaluate") <= _params(evaluate)
     api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
-    assert _flags("predict") - {"format", "output", "annotate"} <= api
+    assert _flags("predict") - {"format", "output", "annotate", "paths"} <= api
+    assert _flags("embed") - {"output"} <= _params(predictor.Predictor) | _params(sources.expand) | {"paths"}
 
 
 def test_public_names():

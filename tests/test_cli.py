@@ -123,3 +123,19 @@ def test_version_and_models():
     assert code == 0 and "default" in out and "Middle Eastern" in out
     code, out, _ = run("--version")
     assert code == 0 and out.startswith("facerace ")
+
+
+def test_embed_writes_one_vector_per_face(faces, bad_inputs, tmp_path):
+    import numpy as np
+
+    from facerace import Predictor
+
+    out = tmp_path / "faces.npz"
+    code, _, err = run("embed", faces[0], bad_inputs["thirty"], bad_inputs["empty"], "--output", out,
+                       "--backbone", "dlib-resnet-v1-onnx")
+    data = np.load(out)
+    n = len(data["paths"])
+    assert code == 0 and n >= 28 and data["embeddings"].shape == (n, 128) and data["boxes"].shape == (n, 4)
+    assert "dlib-resnet-v1-onnx" in str(data["backbone"]) and len(data["errors"]) == 1 and "1 unreadable" in err
+    reference = Predictor(backbone="dlib-resnet-v1").embed_image(faces[0])[1]
+    assert np.allclose(data["embeddings"][0], reference[0], atol=1e-4)

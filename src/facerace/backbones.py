@@ -21,9 +21,13 @@ class InputSpec:
 
 
 class Backbone(Protocol):
-    """A frozen face network: `embed(chips (n, s, s, 3) uint8) -> (n, dim) float32`."""
+    """A frozen face network: `embed(chips (n, s, s, 3) uint8) -> (n, dim) float32`.
+
+    Backbones with the same `space` give interchangeable embeddings (same network and weights).
+    """
 
     name: str
+    space: str
     version: str
     input_spec: InputSpec
     dim: int
@@ -49,6 +53,7 @@ class DlibResNet:
     """dlib's ResNet-34-like 128-d face descriptor (`face-recognition-models`, CC0 weights)."""
 
     name = "dlib-resnet-v1"
+    space = "dlib-resnet-v1"
     input_spec = InputSpec(chip_size=150, padding=0.25)
     dim = 128
 

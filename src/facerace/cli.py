@@ -38,6 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-face", type=int, default=32, help="smaller faces (px) are reported, not classified")
     pr.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
+    em = sub.add_parser("embed", help="write one face embedding (descriptor) per face to an .npz file")
+    em.add_argument("paths", nargs="+", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
+    em.add_argument("--output", "-o", type=Path, required=True, help="the .npz file to write")
+    em.add_argument("--backbone", choices=BACKBONES, help="face network (default: the model's)")
+    em.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
+    em.add_argument("--model", default="default", help="model whose detector and backbone are the defaults")
+    em.add_argument("--column", help="CSV column holding paths (default: path or file)")
+    em.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
+    em.add_argument("--min-face", type=int, default=32, help="smaller faces (px) are skipped")
+
     tr = sub.add_parser("train", help="train a classification head on labelled datasets")
     tr.add_argument("--data", action="append", required=True, metavar="KIND:PATH",
                     help="dataset, e.g. fairface:data/fairface or utkface:data/UTKFace (repeatable)")
@@ -117,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets,
-                 "serve": _serve, "stream": _stream}
+                 "serve": _serve, "stream": _stream,
+                 "embed": _embed}
         return verbs[args.command](args)
     except USAGE_ERRORS as exc:
         print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
@@ -168,6 +179,39 @@ def _predict(args: argparse.Namespace) -> int:
         writer.close()
         if args.output:
             stream.close()
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .errors import ImageError
+    from .predictor import Predictor
+    from .sources import expand
+
+    predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone, min_face=args.min_face)
+    predictor.validate()
+    sources = expand(args.paths, column=args.column, root=args.root)
+    paths, boxes, vectors, errors = [], [], [], []
+    for source in tqdm(sources, desc="embedding", unit="img", disable=None if len(sources) > 1 else True):
+        try:
+            if source.error:
+                raise ImageError(source.path, source.error)
+            faces, embeddings = predictor.embed_image(source.path)
+        except ImageError as exc:
+            errors.append(str(exc))
+            continue
+        paths += [source.path] * len(faces)
+        boxes += [d.box for d in faces]
+        vectors.append(embeddings)
+    backbone = predictor.backbone_
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.output, paths=np.array(paths, dtype=str), boxes=np.array(boxes, dtype=np.int32).reshape(-1, 4),
+             embeddings=np.concatenate(vectors) if vectors else np.zeros((0, backbone.dim), np.float32),
+             backbone=np.array(f"{backbone.name} ({backbone.version})"), errors=np.array(errors, dtype=str))
+    print(f"{len(paths)} face(s) from {len(sources) - len(errors)} image(s) -> {args.output}"
+          + (f"; {len(errors)} unreadable: " + "; ".join(errors[:3]) if errors else ""), file=sys.stderr)
     return 0
 
 

@@ -33,7 +33,9 @@ class Predictor:
 
     Parameters are only stored here; the model, detector and backbone load on first use.
     `scheme` (default: the model's own) sums the model's probabilities into a coarser
-    scheme; `threshold` (default: the model's) marks faces below it as uncertain.
+    scheme; `threshold` (default: the model's) marks faces below it as uncertain;
+    `backbone` (default: the model's) changes the face network, for `embed_image`, or for
+    prediction when it computes the same embeddings (e.g. dlib-resnet-v1 vs -onnx).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class Predictor:
         detector: str | None = None,
         threshold: float | None = None,
         min_face: int = MIN_FACE,
+        backbone: str | None = None,
         upsample: int = 1,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
@@ -52,6 +55,7 @@ class Predictor:
         self.detector = detector
         self.threshold = threshold
         self.min_face = min_face
+        self.backbone = backbone
         self.upsample = upsample
         self.max_pixels = max_pixels
         self._config: ModelConfig | None = None
@@ -91,6 +95,8 @@ class Predictor:
                 raise InvalidParameterError(f"threshold must be within [0, 1], got {self.threshold}")
             self._config = config
             self._make_detector()  # validates the detector name early
+            if self.backbone is not None:
+                create_backbone(self.backbone)  # validates the name
         return self._config
 
     @property
@@ -103,6 +109,11 @@ class Predictor:
         """Confidence below which a face is marked uncertain."""
         return self.config.threshold if self.threshold is None else self.threshold
 
+    @property
+    def backbone_(self) -> Backbone:
+        """The face network in use (loaded on first access)."""
+        return self._parts()[2]
+
     def _make_detector(self) -> Detector:
         name = self.detector or self.config.detector
         return create_detector(name, upsample=self.upsample) if name == "hog" else create_detector(name)
@@ -114,7 +125,7 @@ class Predictor:
             self._loaded = (
                 self._make_detector(),
                 Aligner(config.chip_size, config.chip_padding),
-                create_backbone(config.backbone),
+                create_backbone(self.backbone or config.backbone),
                 head,
             )
         return self._loaded
@@ -130,7 +141,12 @@ class Predictor:
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """Probabilities (n, len(classes_)) for embeddings, in the chosen scheme."""
-        probs = self._parts()[3].predict_proba(embeddings)
+        _, _, backbone, head = self._parts()
+        if backbone.space != create_backbone(self.config.backbone).space:
+            raise InvalidParameterError(
+                f"the model's head was trained on {self.config.backbone} embeddings, which backbone "
+                f"{backbone.name} does not compute; drop --backbone to predict, or use it with `facerace embed`")
+        probs = head.predict_proba(embeddings)
         if self.scheme and self.scheme != self.config.scheme:
             probs = convert_probabilities(probs, self.config.scheme, self.scheme)
         return probs
@@ -147,12 +163,10 @@ class Predictor:
             rgb = load_image(image, max_pixels=self.max_pixels)
         except ImageError as exc:
             return ImageResult(path=name, error=exc.reason)
-        detector, aligner, _, _ = self._parts()
         t1 = time.perf_counter()
-        found = list(faces) if faces is not None else detector.detect(rgb)
+        found = list(faces) if faces is not None else self.detect(rgb)
         t2 = time.perf_counter()
-        big = [d for d in found if min(d.box[2], d.box[3]) >= self.min_face]
-        landmarks, chips = aligner.align(rgb, [d.box for d in big])
+        landmarks, chips = self._align(rgb, found)
         t3 = time.perf_counter()
         probs = self.predict_proba(self.embed(chips)) if len(chips) else np.zeros((0, 0))
         t4 = time.perf_counter()
@@ -168,6 +182,19 @@ class Predictor:
         timings = {"read": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed_classify": t4 - t3}
         return ImageResult(path=name, faces=tuple(results), shape=rgb.shape[:2],
                            timings_ms={s: round(v * 1000, 2) for s, v in timings.items()})
+
+    def _align(self, rgb: np.ndarray, found: Sequence[Detection]) -> tuple[np.ndarray, np.ndarray]:
+        """Landmarks and chips of the faces at least `min_face` pixels, in order."""
+        return self._parts()[1].align(rgb, [d.box for d in found if min(d.box[2], d.box[3]) >= self.min_face])
+
+    def embed_image(self, image: ImageInput) -> tuple[list[Detection], np.ndarray]:
+        """The faces (at least `min_face` px) of one image and their embeddings (n, dim).
+
+        Raises ImageError if the input is not a readable image.
+        """
+        rgb = load_image(image, max_pixels=self.max_pixels)
+        found = [d for d in self.detect(rgb) if min(d.box[2], d.box[3]) >= self.min_face]
+        return found, self.embed(self._align(rgb, found)[1])
 
     def predict(self, images: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
         """Analyse one image or an iterable of images; one ImageResult per image, in order."""
