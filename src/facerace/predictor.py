@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .align import Aligner
-from .backbones import Backbone, create_backbone, embed_chips
+from .backbones import BACKBONES, Backbone, create_backbone, embed_chips
 from .detect import Detection, Detector, create_detector
 from .errors import FaceraceError, ImageError, InvalidParameterError
 from .images import MAX_PIXELS, ImageInput, describe, load_image
@@ -142,7 +142,7 @@ class Predictor:
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """Probabilities (n, len(classes_)) for embeddings, in the chosen scheme."""
         _, _, backbone, head = self._parts()
-        if backbone.space != create_backbone(self.config.backbone).space:
+        if backbone.space != BACKBONES[self.config.backbone].space:
             raise InvalidParameterError(
                 f"the model's head was trained on {self.config.backbone} embeddings, which backbone "
                 f"{backbone.name} does not compute; drop --backbone to predict, or use it with `facerace embed`")
