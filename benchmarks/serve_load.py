@@ -80,8 +80,8 @@ def main() -> None:
     q = statistics.quantiles(latencies, n=100)
     errors = sum(not ok for _, ok in results)
     env = environment()
-    print(f"\n{args.requests} requests, {args.clients} clients, {args.workers} server processes, real FairFace val "
-          f"photos; {env['date']}; {env['machine']}\n")
+    print(f"\n{args.requests} requests after {args.warmup} warm-up requests, {args.clients} clients, "
+          f"{args.workers} server processes, real FairFace val photos; {env['date']}; {env['machine']}\n")
     print("| requests/s | p50 ms | p95 ms | p99 ms | errors | server RSS before | after | growth |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.requests / elapsed:.1f} | {q[49]:.0f} | {q[94]:.0f} | {q[98]:.0f} | {errors} | "

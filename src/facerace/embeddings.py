@@ -65,11 +65,21 @@ class CropEmbedder:
         return embed_chips(backbone, chips, flip_average=self.flip_average)[0], bool(faces), None
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops them and keeps what was committed."""
+_WORKER: CropEmbedder | None = None
+
+
+def _init_worker(embedder: CropEmbedder) -> None:
+    """Install this worker's embedder (its models load once); Ctrl-C is left to the parent."""
+    global _WORKER
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER = embedder
+
+
+def _embed_in_worker(path: str) -> tuple[np.ndarray | None, bool, str | None]:
+    assert _WORKER is not None
+    return _WORKER(path)
 
 
 def file_digest(path: str | Path) -> str:
@@ -119,12 +129,12 @@ def embed_files(
         if workers > 1:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(workers, _ignore_sigint)
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, (embedder,))
         try:
             for start in range(0, len(todo), batch):
                 idx = todo[start : start + batch]
                 args = [str(paths[i]) for i in idx]
-                outs = pool.map(embedder, args, chunksize=4) if pool else [embedder(a) for a in args]
+                outs = pool.map(_embed_in_worker, args, chunksize=4) if pool else [embedder(a) for a in args]
                 done = []
                 for i, (vector, detected, error) in zip(idx, outs):
                     if error is not None:
