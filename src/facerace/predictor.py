@@ -166,26 +166,27 @@ class Predictor:
         t1 = time.perf_counter()
         found = list(faces) if faces is not None else self.detect(rgb)
         t2 = time.perf_counter()
-        landmarks, chips = self._align(rgb, found)
+        large = self.large_faces(found)
+        landmarks, chips = self._parts()[1].align(rgb, [d.box for d in large])
         t3 = time.perf_counter()
         probs = self.predict_proba(self.embed(chips)) if len(chips) else np.zeros((0, 0))
         t4 = time.perf_counter()
         classes, threshold = self.classes_, self.threshold_
         results, k = [], 0
         for d in found:
-            if min(d.box[2], d.box[3]) < self.min_face:
+            if k < len(large) and d is large[k]:
+                results.append(FaceResult.from_probabilities(d.box, probs[k], classes, threshold,
+                                                             landmarks=landmarks[k], detection_score=d.score))
+                k += 1
+            else:
                 results.append(FaceResult(box=d.box, detection_score=d.score, status="too_small"))
-                continue
-            results.append(FaceResult.from_probabilities(d.box, probs[k], classes, threshold,
-                                                         landmarks=landmarks[k], detection_score=d.score))
-            k += 1
         timings = {"read": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed_classify": t4 - t3}
         return ImageResult(path=name, faces=tuple(results), shape=rgb.shape[:2],
                            timings_ms={s: round(v * 1000, 2) for s, v in timings.items()})
 
-    def _align(self, rgb: np.ndarray, found: Sequence[Detection]) -> tuple[np.ndarray, np.ndarray]:
-        """Landmarks and chips of the faces at least `min_face` pixels, in order."""
-        return self._parts()[1].align(rgb, [d.box for d in found if min(d.box[2], d.box[3]) >= self.min_face])
+    def large_faces(self, found: Sequence[Detection]) -> list[Detection]:
+        """The faces whose box is at least `min_face` pixels on its shorter side, in order."""
+        return [d for d in found if min(d.box[2], d.box[3]) >= self.min_face]
 
     def embed_image(self, image: ImageInput) -> tuple[list[Detection], np.ndarray]:
         """The faces (at least `min_face` px) of one image and their embeddings (n, dim).
@@ -193,8 +194,8 @@ class Predictor:
         Raises ImageError if the input is not a readable image.
         """
         rgb = load_image(image, max_pixels=self.max_pixels)
-        found = [d for d in self.detect(rgb) if min(d.box[2], d.box[3]) >= self.min_face]
-        return found, self.embed(self._align(rgb, found)[1])
+        found = self.large_faces(self.detect(rgb))
+        return found, self.embed(self._parts()[1].align(rgb, [d.box for d in found])[1])
 
     def predict(self, images: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
         """Analyse one image or an iterable of images; one ImageResult per image, in order."""
