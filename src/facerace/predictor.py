@@ -71,8 +71,7 @@ class Predictor:
             raise InvalidParameterError(f"Predictor.replace: unknown option(s) {sorted(unknown)}")
         clone = copy.copy(self)
         clone.__dict__.update(options)
-        clone._config = None
-        clone.validate()
+        clone._check_options(self.config)  # the model's config is read once, not per copy
         if self._loaded is not None:
             detector = clone._make_detector() if {"detector", "upsample"} & set(options) else self._loaded[0]
             clone._loaded = (detector, *self._loaded[1:])
@@ -88,16 +87,19 @@ class Predictor:
     def config(self) -> ModelConfig:
         """The model's config (read on first access, validates the options)."""
         if self._config is None:
-            config = load_config(self.model)
-            if self.scheme is not None:
-                convert_probabilities(np.zeros((1, len(config.classes))), config.scheme, self.scheme)
-            if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-                raise InvalidParameterError(f"threshold must be within [0, 1], got {self.threshold}")
-            self._config = config
-            self._make_detector()  # validates the detector name early
-            if self.backbone is not None:
-                create_backbone(self.backbone)  # validates the name
+            self._check_options(load_config(self.model))
         return self._config
+
+    def _check_options(self, config: ModelConfig) -> None:
+        """Validate scheme, threshold, detector and backbone against `config`, then adopt it."""
+        if self.scheme is not None:
+            convert_probabilities(np.zeros((1, len(config.classes))), config.scheme, self.scheme)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise InvalidParameterError(f"threshold must be within [0, 1], got {self.threshold}")
+        self._config = config
+        self._make_detector()  # validates the detector name early
+        if self.backbone is not None:
+            create_backbone(self.backbone)  # validates the name
 
     @property
     def classes_(self) -> tuple[str, ...]:
