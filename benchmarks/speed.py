@@ -1,6 +1,6 @@
 """End-to-end speed of `Predictor` (read, detect, align, embed, classify) on FairFace val images.
 
-    python benchmarks/speed.py --fairface ../shared/datasets/fairface [--n 500] [--repeats 3]
+    python benchmarks/speed.py --fairface ../shared/datasets/fairface [--model default] [--n 500] [--repeats 3]
 
 Prints faces per second with 1 process and with all cores (median of the repeats, pool
 start-up included), per-stage times, and the time to the first prediction in a fresh process.
@@ -21,8 +21,8 @@ from facerace import Predictor
 from facerace.runs import environment
 
 
-def faces_per_second(paths: list[Path], workers: int, detector: str) -> tuple[float, dict[str, float]]:
-    predictor = Predictor(detector=detector)
+def faces_per_second(paths: list[Path], workers: int, model: str, detector: str) -> tuple[float, dict[str, float]]:
+    predictor = Predictor(model, detector=detector)
     start = time.perf_counter()
     results = list(predictor.predict_paths(paths, workers=workers))
     elapsed = time.perf_counter() - start
@@ -31,8 +31,8 @@ def faces_per_second(paths: list[Path], workers: int, detector: str) -> tuple[fl
     return n_faces / elapsed, stages
 
 
-def first_prediction_seconds(path: Path) -> float:
-    code = f"import facerace; facerace.analyze({str(path)!r})"
+def first_prediction_seconds(path: Path, model: str) -> float:
+    code = f"import facerace; facerace.Predictor({model!r}).predict_image({str(path)!r})"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - start
@@ -44,17 +44,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--detector", default="yunet")
+    ap.add_argument("--model", default="default")
     args = ap.parse_args()
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
         paths = [args.fairface / r["file"] for r in list(csv.DictReader(f))[: args.n]]
     cores = os.cpu_count() or 1
     rows = []
     for workers in sorted({1, cores}):
-        runs = [faces_per_second(paths, workers, args.detector) for _ in range(args.repeats)]
+        runs = [faces_per_second(paths, workers, args.model, args.detector) for _ in range(args.repeats)]
         rows.append((workers, statistics.median(r[0] for r in runs), runs[0][1]))
-    first = statistics.median(first_prediction_seconds(paths[0]) for _ in range(args.repeats))
+    first = statistics.median(first_prediction_seconds(paths[0], args.model) for _ in range(args.repeats))
     env = environment()
-    print(f"\n{len(paths)} FairFace val images, detector {args.detector}; {env['date']}; {env['machine']}\n")
+    print(f"\nmodel `{args.model}`, {len(paths)} FairFace val images, detector {args.detector}; {env['date']}; "
+          f"{env['machine']}\n")
     print(f"| processes | faces/s (median of {args.repeats}) | median ms per image: "
           "read / detect / align / embed+classify |")
     print("|---|---|---|")

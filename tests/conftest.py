@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: The real datasets (../shared/datasets from the repository root, or $FACERACE_DATASETS).
@@ -120,3 +120,20 @@ def bad_inputs(tmp_path_factory, faces) -> dict[str, Path]:
     tiny.paste(face.resize((30, 30)), (200, 150))  # the face inside is about 20 px wide
     save("tiny_face.png", tiny)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fairface(tmp_path_factory):
+    """21 images: each fixture, its mirror and a brighter copy, labelled with the fixture's race."""
+    root = tmp_path_factory.mktemp("ff")
+    for split in ("train", "val"):
+        (root / split).mkdir()
+        lines = ["file,age,gender,race,service_test"]
+        for r in fixture_labels():
+            img = Image.open(FIXTURES / r["file"]).convert("RGB")
+            for i, variant in enumerate((img, ImageOps.mirror(img), img.point(lambda v: min(255, v + 25)))):
+                name = f"{split}/{r['file'][:-4]}_{i}.jpg"
+                variant.save(root / name, quality=95)
+                lines.append(f"{name},{r['age']},{r['gender']},{r['race']},False")
+        (root / f"fairface_label_{split}.csv").write_text("\n".join(lines) + "\n")
+    return root

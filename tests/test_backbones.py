@@ -40,9 +40,9 @@ def test_onnx_backbone_is_dlibs_network(chips):
 
 
 def test_onnx_file_is_built_once_and_cached(tmp_path):
-    first = cached_onnx(tmp_path)
+    first = cached_onnx(cache_dir=tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert cached_onnx(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert cached_onnx(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert list(first.parent.iterdir()) == [first]  # no partial files left behind
 
 

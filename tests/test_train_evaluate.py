@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
 
 from facerace.cli import main
 from facerace.errors import FaceraceError
@@ -13,24 +12,7 @@ from facerace.metrics import choose_threshold, classification_metrics, expected_
 from facerace.predictor import Predictor
 from facerace.train import stratified_split
 
-from conftest import fixture_labels, FIXTURES
-
-
-@pytest.fixture(scope="module")
-def tiny_fairface(tmp_path_factory):
-    """21 images: each fixture, its mirror and a brighter copy, labelled with the fixture's race."""
-    root = tmp_path_factory.mktemp("ff")
-    for split in ("train", "val"):
-        (root / split).mkdir()
-        lines = ["file,age,gender,race,service_test"]
-        for r in fixture_labels():
-            img = Image.open(FIXTURES / r["file"]).convert("RGB")
-            for i, variant in enumerate((img, ImageOps.mirror(img), img.point(lambda v: min(255, v + 25)))):
-                name = f"{split}/{r['file'][:-4]}_{i}.jpg"
-                variant.save(root / name, quality=95)
-                lines.append(f"{name},{r['age']},{r['gender']},{r['race']},False")
-        (root / f"fairface_label_{split}.csv").write_text("\n".join(lines) + "\n")
-    return root
+from conftest import FIXTURES
 
 
 def test_train_then_predict_then_evaluate(tiny_fairface, tmp_path):

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import MissingDependencyError, check_choice
+from .errors import InvalidParameterError, MissingDependencyError, check_choice
 
 
 @dataclass(frozen=True)
@@ -82,17 +82,23 @@ class DlibResNetOnnx(DlibResNet):
     """The same network and weights as `DlibResNet`, run by ONNX Runtime (about 10x faster on a CPU).
 
     The ONNX graph is built from dlib's weights file on first use (`facerace.dlib_onnx`) and
-    cached; descriptors equal dlib's to ~1e-6.
+    cached; descriptors equal dlib's to ~1e-6. `tuned`: a fine-tuned layers file
+    (safetensors, PyTorch names) whose layers replace dlib's; it changes the embedding `space`.
     """
 
     name = "dlib-resnet-v1-onnx"
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, tuned: str | Path | None = None) -> None:
         self.threads = threads
+        self.tuned = str(tuned) if tuned else None
         self._net = None
 
     def __getstate__(self) -> dict:
-        return {"threads": self.threads, "_net": None}
+        return {**self.__dict__, "_net": None}
+
+    @property
+    def space(self) -> str:  # type: ignore[override]
+        return tuned_space(DlibResNet.space, self.tuned)
 
     @property
     def version(self) -> str:
@@ -112,11 +118,75 @@ class DlibResNetOnnx(DlibResNet):
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-            self._net = ort.InferenceSession(str(cached_onnx()), options, providers=["CPUExecutionProvider"])
+            self._net = ort.InferenceSession(str(cached_onnx(self.tuned)), options,
+                                             providers=["CPUExecutionProvider"])
         return self._net.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
 
 
-BACKBONES = {"dlib-resnet-v1": DlibResNet, "dlib-resnet-v1-onnx": DlibResNetOnnx}
+class DlibResNetTorch(DlibResNet):
+    """The same network and weights as `DlibResNet`, run by the PyTorch port (`facerace.dlib_torch`): the one to fine-tune."""
+
+    name = "dlib-torch"
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self._net = None
+
+    def __getstate__(self) -> dict:
+        return {"threads": self.threads, "_net": None}
+
+    @property
+    def version(self) -> str:
+        return f"{super().version}; torch {metadata.version('torch')}"
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        if len(chips) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        torch = require_torch(self.name)
+        from .dlib_torch import chips_to_tensor, load_dlib_resnet
+
+        if self._net is None:
+            self._net = load_dlib_resnet()
+        torch.set_num_threads(self.threads)
+        with torch.no_grad():
+            return np.concatenate([self._net(chips_to_tensor(chips[i : i + 32])).numpy()
+                                   for i in range(0, len(chips), 32)])
+
+
+def require_torch(what: str):
+    """The `torch` module, or a MissingDependencyError saying how to install it."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise MissingDependencyError(f"{what} needs PyTorch: pip install 'facerace[torch]'") from exc
+    return torch
+
+
+def tuned_space(space: str, tuned: str | None) -> str:
+    """The embedding space of a network with the layers of fine-tuned file `tuned` swapped in."""
+    if not tuned:
+        return space
+    from .model import sha256_file
+
+    return f"{space}-ft-{sha256_file(Path(tuned))[:16]}"
+
+
+def _vggface(weights: str | Path | None = None, tuned: str | Path | None = None) -> Backbone:
+    if not weights:
+        raise InvalidParameterError("the vggface backbone needs its weights file: --weights vgg_face_weights.h5 "
+                                    "(the public Keras file or a tutorial race model; facerace downloads nothing)")
+    require_torch("the vggface backbone")
+    from .vggface import VGGFaceBackbone
+
+    return VGGFaceBackbone(weights, tuned=tuned)
+
+
+BACKBONES = {"dlib-resnet-v1": DlibResNet, "dlib-resnet-v1-onnx": DlibResNetOnnx, "dlib-torch": DlibResNetTorch,
+             "vggface": _vggface}
+#: Backbones that need a weights file of their own (users supply it).
+WEIGHTED = ("vggface",)
+#: Backbones that can swap in the layers of a fine-tuned file (`tuned`).
+TUNABLE = ("dlib-resnet-v1-onnx", "vggface")
 
 
 def embed_chips(backbone: Backbone, chips: np.ndarray, *, flip_average: bool = False) -> np.ndarray:
@@ -127,6 +197,17 @@ def embed_chips(backbone: Backbone, chips: np.ndarray, *, flip_average: bool = F
     return (both[: len(chips)] + both[len(chips) :]) / 2
 
 
-def create_backbone(name: str = "dlib-resnet-v1-onnx") -> Backbone:
-    """Build the backbone called `name`."""
-    return BACKBONES[check_choice("backbone", name, tuple(BACKBONES))]()
+def create_backbone(name: str = "dlib-resnet-v1-onnx", weights: str | Path | None = None,
+                    tuned: str | Path | None = None) -> Backbone:
+    """Build the backbone called `name`: its base weights from file `weights` where it needs one,
+    and the fine-tuned layers of file `tuned` swapped in."""
+    check_choice("backbone", name, tuple(BACKBONES))
+    if weights and name not in WEIGHTED:
+        raise InvalidParameterError(f"backbone {name} takes no weights file (only {', '.join(WEIGHTED)} do)")
+    if tuned and name not in TUNABLE:
+        raise InvalidParameterError(f"backbone {name} cannot run fine-tuned layers (use one of {', '.join(TUNABLE)})")
+    for path in (weights, tuned):
+        if path and not Path(path).is_file():
+            raise InvalidParameterError(f"weights file {path} does not exist")
+    kwargs = {"weights": weights} if name in WEIGHTED else {}
+    return BACKBONES[name](**kwargs, **({"tuned": tuned} if tuned else {}))

@@ -42,14 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("paths", nargs="+", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
     em.add_argument("--output", "-o", type=Path, required=True, help="the .npz file to write")
     em.add_argument("--backbone", choices=BACKBONES, help="face network (default: the model's)")
+    em.add_argument("--weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
     em.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
     em.add_argument("--model", default="default", help="model whose detector and backbone are the defaults")
     em.add_argument("--column", help="CSV column holding paths (default: path or file)")
     em.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
     em.add_argument("--min-face", type=int, default=32, help="smaller faces (px) are skipped")
 
-    tr = sub.add_parser("train", help="train a classification head on labelled datasets")
-    tr.add_argument("--data", action="append", required=True, metavar="KIND:PATH",
+    tr = sub.add_parser("train", help="train a classifier (a head, or fine-tune the network's last layers)")
+    tr.add_argument("--data", action="append", metavar="KIND:PATH",
                     help="dataset, e.g. fairface:data/fairface or utkface:data/UTKFace (repeatable)")
     tr.add_argument("--scheme", default="fairface7", help="label scheme to train (default fairface7)")
     tr.add_argument("--out", type=Path, help="run folder to create (default runs/train/expN)")
@@ -60,15 +61,31 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--learning-rate", type=float, default=3e-4, help="Adam step size (default 3e-4)")
     tr.add_argument("--weight-decay", type=float, default=3e-3, help="L2 penalty (default 3e-3)")
     tr.add_argument("--dropout", type=float, default=0.6, help="dropout on the hidden layer (default 0.6)")
-    tr.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
-    tr.add_argument("--max-epochs", type=int, default=200)
+    tr.add_argument("--patience", type=int, help="epochs without improvement before stopping (default 15; 5 with "
+                                                 "--unfreeze)")
+    tr.add_argument("--max-epochs", type=int, help="default 200; 40 with --unfreeze")
     tr.add_argument("--detector", default="yunet", choices=DETECTORS)
     tr.add_argument("--backbone", default="dlib-resnet-v1-onnx", choices=BACKBONES,
-                    help="frozen face network (default dlib-resnet-v1-onnx: dlib's ResNet run by ONNX Runtime)")
+                    help="face network (default dlib-resnet-v1-onnx: dlib's ResNet run by ONNX Runtime; "
+                         "to fine-tune: dlib-torch or vggface)")
+    tr.add_argument("--weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
+    tr.add_argument("--unfreeze", type=int, default=0, metavar="N",
+                    help="fine-tune the network's last N units with the head (dlib-torch: 1 = its fc layer, "
+                         "2-15 also residual blocks; vggface: layers up to fc7); default 0 = frozen")
+    tr.add_argument("--views", type=int, default=4, help="views per image when fine-tuning: the face, its mirror "
+                                                         "and random augmentations (default 4)")
+    tr.add_argument("--backbone-learning-rate", type=float, default=3e-5,
+                    help="step size for the unfrozen layers (default 3e-5)")
+    tr.add_argument("--batch-size", type=int, default=128, help="images per step when fine-tuning (default 128)")
+    tr.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder with its settings")
     tr.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
                     help="embed each face as the mean of it and its mirror image, in training and prediction")
     _data_columns(tr)
     _common(tr)
+
+    ex = sub.add_parser("export", help="write a model as one ONNX file: face chips -> probabilities")
+    ex.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    ex.add_argument("--output", "-o", type=Path, required=True, help="the .onnx file to write")
 
     ev = sub.add_parser("evaluate", help="score a model on a labelled dataset split")
     ev.add_argument("--model", default="default", help="shipped model name or model/run folder")
@@ -128,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets,
                  "serve": _serve, "stream": _stream,
-                 "embed": _embed}
+                 "embed": _embed, "export": _export}
         return verbs[args.command](args)
     except USAGE_ERRORS as exc:
         print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
@@ -139,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # an output file that cannot be written, a full disk, ...
         print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"facerace {args.command}: interrupted (finished work was kept)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"facerace {args.command}: interrupted ({exc or 'finished work was kept'})", file=sys.stderr)
         return 130
 
 
@@ -190,7 +207,8 @@ def _embed(args: argparse.Namespace) -> int:
     from .predictor import Predictor
     from .sources import expand
 
-    predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone, min_face=args.min_face)
+    predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone,
+                          backbone_weights=args.weights, min_face=args.min_face)
     predictor.validate()
     sources = expand(args.paths, column=args.column, root=args.root)
     paths, boxes, vectors, errors = [], [], [], []
@@ -216,15 +234,21 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import resume, train
 
-    run = train(args.data, scheme=args.scheme, out=args.out, split=args.split, val_fraction=args.val_fraction,
-                seed=args.seed, hidden=args.hidden, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                dropout=args.dropout, patience=args.patience, max_epochs=args.max_epochs,
-                detector=args.detector, backbone=args.backbone, flip_average=args.flip_average,
-                path_column=args.path_column,
-                label_column=args.label_column,
-                cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
+    if args.resume:
+        run = resume(args.resume, cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
+    elif not args.data:
+        raise InvalidParameterError("train needs --data KIND:PATH (or --resume RUN)")
+    else:
+        run = train(args.data, scheme=args.scheme, out=args.out, split=args.split, val_fraction=args.val_fraction,
+                    seed=args.seed, hidden=args.hidden, learning_rate=args.learning_rate,
+                    weight_decay=args.weight_decay, dropout=args.dropout, patience=args.patience,
+                    max_epochs=args.max_epochs, detector=args.detector, backbone=args.backbone,
+                    weights=args.weights, flip_average=args.flip_average, unfreeze=args.unfreeze, views=args.views,
+                    backbone_learning_rate=args.backbone_learning_rate, batch_size=args.batch_size,
+                    path_column=args.path_column, label_column=args.label_column,
+                    cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
     metrics = json.loads((run / "metrics.json").read_text())
     v = metrics["validation"]
     print(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
@@ -248,6 +272,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     if m["merged"]:
         print("merged classes: " + "; ".join(f"{k} <- {', '.join(v)}" for k, v in m["merged"].items()))
     print(f"run folder: {run}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .model import load_config
+
+    config = load_config(args.model)
+    path = export_onnx(args.model, args.output)
+    size = config.chip_size
+    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB): input chips (n, {size}, {size}, 3) uint8 RGB, aligned "
+          f"with padding {config.chip_padding} -> probabilities (n, {len(config.classes)}) over "
+          f"{', '.join(config.classes)}")
     return 0
 
 

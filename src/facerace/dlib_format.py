@@ -254,6 +254,36 @@ def network(parsed: dict[str, Any]) -> dict[str, Any]:
     return {"stem": stem, "blocks": blocks, "fc": fc}
 
 
+def _parts(net: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
+    """PyTorch parameter name (as in `dlib_torch.DlibResNet`) -> (layer dict of `net`, key in it)."""
+    names = {"stem.0.weight": (net["stem"]["conv"], "weight"), "stem.0.bias": (net["stem"]["conv"], "bias"),
+             "stem.1.gamma": (net["stem"]["affine"], "gamma"), "stem.1.beta": (net["stem"]["affine"], "beta"),
+             "fc.weight": (net, "fc")}
+    for i, block in enumerate(net["blocks"]):
+        for part, keys in (("conv1", ("weight", "bias")), ("affine1", ("gamma", "beta")),
+                           ("conv2", ("weight", "bias")), ("affine2", ("gamma", "beta"))):
+            names.update({f"blocks.{i}.{part}.{k}": (block[part], k) for k in keys})
+    return names
+
+
+def state_dict(net: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The weights of `network(...)` under PyTorch parameter names."""
+    return {name: layer[key] for name, (layer, key) in _parts(net).items()}
+
+
+def apply_weights(net: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Replace weights of `net` in place by `tensors` (PyTorch names, e.g. a fine-tuned suffix); return `net`."""
+    parts = _parts(net)
+    for name, value in tensors.items():
+        if name not in parts:
+            raise ValueError(f"{name!r} is not a weight of dlib's ResNet")
+        layer, key = parts[name]
+        if layer[key].shape != value.shape:
+            raise ValueError(f"{name}: shape {value.shape}, expected {layer[key].shape}")
+        layer[key] = np.asarray(value, np.float32)
+    return net
+
+
 def _default_path() -> Path:
     from .backbones import dlib_model_file
 

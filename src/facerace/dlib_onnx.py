@@ -7,21 +7,25 @@ under the cache folder, keyed by the SHA-256 of the weights file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .dlib_format import CHIP_SIZE, MEAN_RGB, MODEL_FILE, network, read_dlib_resnet
+from .dlib_format import CHIP_SIZE, MEAN_RGB, MODEL_FILE, apply_weights, network, read_dlib_resnet
 
 OPSET = 17
 
 
-def build_onnx(path: str | Path | None = None) -> bytes:
-    """The serialised ONNX model of the network in dlib's file `path` (default: face-recognition-models')."""
+def build_onnx(path: str | Path | None = None, weights: dict[str, np.ndarray] | None = None) -> bytes:
+    """The serialised ONNX model of the network in dlib's file `path` (default: face-recognition-models').
+
+    `weights` (PyTorch names, as saved by fine-tuning) replace the file's weights of those layers.
+    """
     from onnx import TensorProto, checker, helper, numpy_helper
 
-    net = network(read_dlib_resnet(path))
+    net = apply_weights(network(read_dlib_resnet(path)), weights or {})
     nodes: list = []
     inits: list = []
     counter = iter(range(10**6))
@@ -90,17 +94,24 @@ def build_onnx(path: str | Path | None = None) -> bytes:
     return model.SerializeToString()
 
 
-def cached_onnx(cache_dir: str | Path | None = None) -> Path:
-    """The ONNX file for face-recognition-models' weights, built on first use into the cache folder."""
+def cached_onnx(weights: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The ONNX file for face-recognition-models' weights (with a fine-tuned `weights` file's layers
+    swapped in), built on first use into the cache folder."""
     from .backbones import dlib_model_file
     from .cache import default_cache_dir
     from .model import sha256_file
 
     source = dlib_model_file(MODEL_FILE)
-    target = Path(cache_dir or default_cache_dir()) / "models" / f"dlib-resnet-v1-{sha256_file(source)[:16]}.onnx"
+    key = sha256_file(source)[:16] + (f"-ft-{sha256_file(Path(weights))[:16]}" if weights else "")
+    target = Path(cache_dir or default_cache_dir()) / "models" / f"dlib-resnet-v1-{key}.onnx"
     if not target.is_file():
+        tensors = None
+        if weights:
+            from safetensors.numpy import load_file
+
+            tensors = load_file(str(weights))
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".tmp{id(target)}")
-        partial.write_bytes(build_onnx(source))
+        partial = target.with_suffix(f".tmp{os.getpid()}")
+        partial.write_bytes(build_onnx(source, tensors))
         partial.replace(target)  # atomic: concurrent workers never read half a file
     return target

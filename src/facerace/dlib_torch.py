@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dlib_format import CHIP_SIZE, MEAN_RGB, STAGES, network, read_dlib_resnet
+from .dlib_format import CHIP_SIZE, MEAN_RGB, STAGES, network, read_dlib_resnet, state_dict
+from .errors import InvalidParameterError
 
 class Affine(nn.Module):
     """dlib's `affine` layer in CONV_MODE: a fixed per-channel scale and shift."""
@@ -62,12 +63,15 @@ class Residual(nn.Module):
 
 
 class DlibResNet(nn.Module):
-    """dlib's ResNet face descriptor: (n, 3, 150, 150) from `chips_to_tensor` -> (n, 128)."""
+    """dlib's ResNet face descriptor: (n, 3, 150, 150) from `chips_to_tensor` -> (n, 128).
+
+    Its `units` are the stem, 14 residual blocks and the pooled fc layer, in order;
+    `split(n)` cuts it before the last n of them (for fine-tuning).
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 32, 7, stride=2)
-        self.affine = Affine(32)
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, stride=2), Affine(32), nn.ReLU(), nn.MaxPool2d(3, stride=2))
         blocks = []
         in_channels = 32
         for channels, count, down in STAGES:
@@ -77,31 +81,25 @@ class DlibResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(in_channels, 128, bias=False)
 
+    @property
+    def units(self) -> list[nn.Module]:
+        """Stem, residual blocks, then mean-pool + fc: what `split` counts."""
+        return [self.stem, *self.blocks, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.fc)]
+
+    def split(self, unfreeze: int) -> tuple[nn.Module, nn.Module]:
+        """(prefix, suffix) sharing this module's layers: suffix(prefix(x)) == self(x); suffix has the last `unfreeze` units."""
+        units = self.units
+        if not 1 <= unfreeze <= len(units):
+            raise InvalidParameterError(f"unfreeze must be within 1..{len(units)} for dlib's ResNet, got {unfreeze}")
+        return nn.Sequential(*units[: len(units) - unfreeze]), nn.Sequential(*units[len(units) - unfreeze :])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.affine(self.conv(x))), 3, stride=2)
-        x = self.blocks(x)
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
     @torch.no_grad()
     def load_dlib(self, net: dict[str, Any]) -> DlibResNet:
         """Copy the weights of `dlib_format.network(...)` into this module."""
-
-        def conv(module: nn.Conv2d, layer: dict[str, Any]) -> None:
-            module.weight.copy_(torch.from_numpy(layer["weight"]))
-            module.bias.copy_(torch.from_numpy(layer["bias"]))
-
-        def affine(module: Affine, layer: dict[str, Any]) -> None:
-            module.gamma.copy_(torch.from_numpy(layer["gamma"]))
-            module.beta.copy_(torch.from_numpy(layer["beta"]))
-
-        conv(self.conv, net["stem"]["conv"])
-        affine(self.affine, net["stem"]["affine"])
-        for block, parts in zip(self.blocks, net["blocks"], strict=True):
-            conv(block.conv1, parts["conv1"])
-            affine(block.affine1, parts["affine1"])
-            conv(block.conv2, parts["conv2"])
-            affine(block.affine2, parts["affine2"])
-        self.fc.weight.copy_(torch.from_numpy(net["fc"]))
+        self.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict(net).items()})
         return self
 
 

@@ -10,12 +10,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .align import Aligner
-from .backbones import create_backbone, embed_chips
+from .backbones import Backbone, create_backbone, embed_chips
 from .cache import EmbeddingCache
 from .detect import create_detector, known_face_region
 from .errors import ImageError
@@ -33,6 +33,8 @@ class CropEmbedder:
     chip_padding: float
     face_padding: float
     flip_average: bool = False
+    backbone_weights: str | None = None
+    tuned: str | None = None
 
     def __post_init__(self) -> None:
         self._parts = None
@@ -42,9 +44,14 @@ class CropEmbedder:
 
     @property
     def pipeline_id(self) -> str:
-        b = create_backbone(self.backbone)
+        b = self.make_backbone()
+        # The space names the weights file and the fine-tuned layers (their SHA-256s) where there are any.
         return (f"{b.name}|{b.version}|det={self.detector}|chip={self.chip_size}/{self.chip_padding}"
-                f"|fallback={self.face_padding}|min={MIN_FACE}" + ("|flip-average" if self.flip_average else ""))
+                f"|fallback={self.face_padding}|min={MIN_FACE}" + ("|flip-average" if self.flip_average else "")
+                + (f"|space={b.space}" if self.tuned or self.backbone_weights else ""))
+
+    def make_backbone(self) -> Backbone:
+        return create_backbone(self.backbone, self.backbone_weights, self.tuned)
 
     def __call__(self, path: str) -> tuple[np.ndarray | None, bool, str | None]:
         """(embedding, detected, error) for one image file."""
@@ -53,7 +60,7 @@ class CropEmbedder:
 
             cv2.setNumThreads(1)
             self._parts = (create_detector(self.detector), Aligner(self.chip_size, self.chip_padding),
-                           create_backbone(self.backbone))
+                           self.make_backbone())
         detector, aligner, backbone = self._parts
         try:
             rgb = load_image(path)
@@ -65,21 +72,41 @@ class CropEmbedder:
         return embed_chips(backbone, chips, flip_average=self.flip_average)[0], bool(faces), None
 
 
-_WORKER: CropEmbedder | None = None
+_WORKER: Callable | None = None
 
 
-def _init_worker(embedder: CropEmbedder) -> None:
-    """Install this worker's embedder (its models load once); Ctrl-C is left to the parent."""
+def _init_worker(fn: Callable) -> None:
+    """Install this worker's function (its models load once); Ctrl-C is left to the parent."""
     global _WORKER
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER = embedder
+    _WORKER = fn
 
 
-def _embed_in_worker(path: str) -> tuple[np.ndarray | None, bool, str | None]:
+def _call_in_worker(item: Any) -> Any:
     assert _WORKER is not None
-    return _WORKER(path)
+    return _WORKER(item)
+
+
+def parallel_batches(fn: Callable, items: Sequence, *, workers: int, batch: int) -> Iterator[tuple[range, list]]:
+    """(positions, fn(items) for them) batch by batch, in order, computed by `workers` spawned processes.
+
+    `fn` must be picklable; each worker receives it once. With one worker it runs here.
+    """
+    pool = None
+    if workers > 1 and len(items) > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (fn,))
+    try:
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
+            outs = pool.map(_call_in_worker, chunk, chunksize=4) if pool else [fn(x) for x in chunk]
+            yield range(start, start + len(chunk)), outs
+    finally:
+        if pool:
+            pool.terminate()
 
 
 def file_digest(path: str | Path) -> str:
@@ -125,30 +152,21 @@ def embed_files(
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     batch = batch or 16 * workers
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
-        pool = None
-        if workers > 1:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, (embedder,))
         try:
-            for start in range(0, len(todo), batch):
-                idx = todo[start : start + batch]
-                args = [str(paths[i]) for i in idx]
-                outs = pool.map(_embed_in_worker, args, chunksize=4) if pool else [embedder(a) for a in args]
+            for positions, outs in parallel_batches(embedder, [str(paths[i]) for i in todo], workers=workers,
+                                                    batch=batch):
                 done = []
-                for i, (vector, detected, error) in zip(idx, outs):
+                for i, (vector, detected, error) in zip((todo[j] for j in positions), outs):
                     if error is not None:
                         failed[digests[i]] = error
                     else:
                         done.append((digests[i], vector, detected))
                         found[digests[i]] = (vector, detected)
                 cache.put_many(pipeline, done)
-                bar.update(len(idx))
+                bar.update(len(positions))
         finally:
-            if pool:
-                pool.terminate()
             cache.close()
-    dim = create_backbone(embedder.backbone).dim
+    dim = embedder.make_backbone().dim
     ok = np.array([d in found for d in digests], dtype=bool)
     errors = {i: failed[d] for i, d in enumerate(digests) if d in failed}
     vectors = np.array([found[d][0] for d in digests if d in found], np.float32).reshape(-1, dim)

@@ -11,14 +11,20 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .errors import ModelIntegrityError, ModelNotFoundError
 from .head import RaceHead
 
+if TYPE_CHECKING:
+    from .backbones import Backbone
+
 SHIPPED = ("default",)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "head.safetensors"
+TUNED_FILE = "backbone.safetensors"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class ModelConfig:
     flip_average: bool = False
     weights: str = WEIGHTS_FILE
     sha256: str = ""
+    backbone_weights: str = ""
+    tuned: str = ""
+    tuned_sha256: str = ""
     trained_on: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -88,27 +97,53 @@ def load_config(model: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
 
 
+def _checked(path: Path, expected: str) -> Path:
+    """`path`, after checking it exists and has SHA-256 `expected`."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; rebuild the model with `facerace train`")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{path} has SHA-256 {actual}, but {path.parent / CONFIG_FILE} expects {expected}; "
+            "the file is damaged or was replaced: reinstall facerace or retrain the model"
+        )
+    return path
+
+
 def load_model(model: str | Path) -> tuple[ModelConfig, RaceHead]:
     """Read config and head, refusing weights whose SHA-256 differs from the config's."""
     path = resolve(model)
     config = load_config(path)
-    weights = path / config.weights
-    if not weights.is_file():
-        raise ModelNotFoundError(f"{weights} is missing; rebuild the model with `facerace train`")
-    actual = sha256_file(weights)
-    if actual != config.sha256:
-        raise ModelIntegrityError(
-            f"{weights} has SHA-256 {actual}, but {path / CONFIG_FILE} expects {config.sha256}; "
-            "the file is damaged or was replaced: reinstall facerace or retrain the model"
-        )
-    return config, RaceHead.load(weights, config.classes)
+    return config, RaceHead.load(_checked(path / config.weights, config.sha256), config.classes)
 
 
-def save_model(path: Path, config: ModelConfig, head: RaceHead) -> ModelConfig:
-    """Write head weights and config (with the weights' SHA-256) into folder `path`."""
+def tuned_file(model: str | Path, config: ModelConfig) -> Path | None:
+    """The model's fine-tuned backbone layers file (SHA-256 checked), or None for a frozen backbone."""
+    return _checked(resolve(model) / config.tuned, config.tuned_sha256) if config.tuned else None
+
+
+def load_backbone(model: str | Path, config: ModelConfig, name: str | None = None,
+                  weights: str | Path | None = None) -> Backbone:
+    """The model's backbone (its fine-tuned layers swapped in), or backbone `name` (weights file `weights`) instead."""
+    from .backbones import create_backbone
+
+    if name is not None:
+        return create_backbone(name, weights)
+    return create_backbone(config.backbone, config.backbone_weights or None, tuned_file(model, config))
+
+
+def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None
+               ) -> ModelConfig:
+    """Write head weights, fine-tuned backbone layers (if any) and config (with SHA-256s) into folder `path`."""
+    from safetensors.numpy import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     head.save(path / config.weights)
-    final = ModelConfig.from_dict({**config.to_dict(), "sha256": sha256_file(path / config.weights)})
+    extra = {}
+    if tuned:
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tuned.items()}, str(path / TUNED_FILE))
+        extra = {"tuned": TUNED_FILE, "tuned_sha256": sha256_file(path / TUNED_FILE)}
+    final = ModelConfig.from_dict({**config.to_dict(), "sha256": sha256_file(path / config.weights), **extra})
     (path / CONFIG_FILE).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
     return final
 

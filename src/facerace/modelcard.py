@@ -51,7 +51,9 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         "",
         "## Model",
         f"- Pipeline: detector `{config.detector}` -> dlib 5-point alignment ({config.chip_size} px chip, "
-        f"padding {config.chip_padding}) -> frozen backbone `{config.backbone}` ({config.backbone_version})"
+        f"padding {config.chip_padding}) -> "
+        + ("backbone" if config.tuned else "frozen backbone") + f" `{config.backbone}` ({config.backbone_version})"
+        + (f" with its last layers fine-tuned (`{config.tuned}`, SHA-256 in `config.json`)" if config.tuned else "")
         + (", each face embedded as the mean of it and its mirror image" if config.flip_average else "") + " -> "
         "a small trained head (standardise, 512 ReLU units with dropout, softmax) with temperature scaling.",
         f"- Classes (`{config.scheme}`): {', '.join(config.classes)}. Coarser schemes (`race6`, `utk5`, `race4`) "

@@ -16,12 +16,12 @@ import numpy as np
 from PIL import Image
 
 from .align import Aligner
-from .backbones import BACKBONES, Backbone, create_backbone, embed_chips
+from .backbones import Backbone, create_backbone, embed_chips
 from .detect import Detection, Detector, create_detector
 from .errors import FaceraceError, ImageError, InvalidParameterError
 from .images import MAX_PIXELS, ImageInput, describe, load_image
 from .labels import convert_probabilities, get_scheme
-from .model import ModelConfig, load_config, load_model
+from .model import ModelConfig, load_backbone, load_config, load_model
 from .results import FaceResult, ImageResult
 
 #: Faces whose box is smaller than this (pixels, shorter side) are reported as too_small.
@@ -35,7 +35,8 @@ class Predictor:
     `scheme` (default: the model's own) sums the model's probabilities into a coarser
     scheme; `threshold` (default: the model's) marks faces below it as uncertain;
     `backbone` (default: the model's) changes the face network, for `embed_image`, or for
-    prediction when it computes the same embeddings (e.g. dlib-resnet-v1 vs -onnx).
+    prediction when it computes the same embeddings (e.g. dlib-resnet-v1 vs -onnx);
+    `backbone_weights` is its weights file where it needs one (vggface).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class Predictor:
         threshold: float | None = None,
         min_face: int = MIN_FACE,
         backbone: str | None = None,
+        backbone_weights: str | Path | None = None,
         upsample: int = 1,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
@@ -56,6 +58,7 @@ class Predictor:
         self.threshold = threshold
         self.min_face = min_face
         self.backbone = backbone
+        self.backbone_weights = backbone_weights
         self.upsample = upsample
         self.max_pixels = max_pixels
         self._config: ModelConfig | None = None
@@ -99,7 +102,7 @@ class Predictor:
         self._config = config
         self._make_detector()  # validates the detector name early
         if self.backbone is not None:
-            create_backbone(self.backbone)  # validates the name
+            create_backbone(self.backbone, self.backbone_weights)  # validates the name and file
 
     @property
     def classes_(self) -> tuple[str, ...]:
@@ -127,7 +130,7 @@ class Predictor:
             self._loaded = (
                 self._make_detector(),
                 Aligner(config.chip_size, config.chip_padding),
-                create_backbone(self.backbone or config.backbone),
+                load_backbone(self.model, config, self.backbone, self.backbone_weights),
                 head,
             )
         return self._loaded
@@ -144,7 +147,7 @@ class Predictor:
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """Probabilities (n, len(classes_)) for embeddings, in the chosen scheme."""
         _, _, backbone, head = self._parts()
-        if backbone.space != BACKBONES[self.config.backbone].space:
+        if self.backbone is not None and backbone.space != load_backbone(self.model, self.config).space:
             raise InvalidParameterError(
                 f"the model's head was trained on {self.config.backbone} embeddings, which backbone "
                 f"{backbone.name} does not compute; drop --backbone to predict, or use it with `facerace embed`")

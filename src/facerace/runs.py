@@ -1,4 +1,4 @@
-"""Run folders: `runs/<verb>/<name>`, never overwritten (name2, name3, ... when taken)."""
+"""Run folders: `runs/<verb>/expN` (or a given name), never overwritten."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 from .errors import InvalidParameterError
 
 
-def new_run_dir(out: str | Path | None, verb: str) -> Path:
-    """Create the run folder: `out` if given (it must be new or empty), else `runs/<verb>/expN`."""
+def new_run_dir(out: str | Path | None, verb: str, name: str | None = None) -> Path:
+    """Create the run folder: `out` if given (it must be new or empty), else `runs/<verb>/expN`
+    (or `runs/<verb>/<name>`, then `<name>-2`, ... when `name` is given)."""
     if out is not None:
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -21,9 +22,13 @@ def new_run_dir(out: str | Path | None, verb: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     base, n = Path("runs") / verb, 1
-    while (base / f"exp{n}").exists():
+
+    def candidate(n: int) -> Path:
+        return base / (f"exp{n}" if name is None else name if n == 1 else f"{name}-{n}")
+
+    while candidate(n).exists():
         n += 1
-    path = base / f"exp{n}"
+    path = candidate(n)
     path.mkdir(parents=True)
     return path
 

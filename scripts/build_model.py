@@ -1,0 +1,75 @@
+"""Rebuild a shipped model: train on FairFace train, evaluate, write config and model card.
+
+    python scripts/build_model.py default --fairface ../shared/datasets/fairface [--utkface ../shared/datasets/utkface]
+    python scripts/build_model.py accurate --fairface ../shared/datasets/fairface [--utkface ...]
+
+`default`: a head on frozen dlib ResNet embeddings (minutes). `accurate`: the last layers of
+dlib's ResNet fine-tuned with the head (PyTorch; about an hour on 2 CPU cores, resumable:
+rerun the same command after an interruption). Training uses FairFace only (CC BY 4.0);
+UTKFace, if given, is used only for the cross-dataset score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from datetime import date
+from pathlib import Path
+
+from facerace.evaluate import evaluate
+from facerace.model import ModelConfig, load_config, shipped_dir
+from facerace.modelcard import write_model_card
+from facerace.runs import new_run_dir
+from facerace.train import resume, train
+
+REPRODUCE = ("python scripts/build_model.py {name} --fairface ../shared/datasets/fairface "
+             "--utkface ../shared/datasets/utkface")
+#: Training settings of each shipped model (the rest are `facerace.train.train`'s defaults).
+RECIPES = {
+    "default": {},
+    "accurate": {"backbone": "dlib-torch", "unfreeze": 5, "views": 4},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", choices=RECIPES, help="which shipped model to rebuild")
+    ap.add_argument("--fairface", required=True, type=Path, help="FairFace folder with fairface_label_train.csv")
+    ap.add_argument("--utkface", type=Path, help="UTKFace folder (cross-dataset evaluation only)")
+    ap.add_argument("--workers", type=int)
+    args = ap.parse_args()
+
+    version = date.today().strftime("%Y.%m.%d")
+    out = Path("runs/train") / f"{args.name}-{version}"
+    if (out / "checkpoint.pt").is_file():
+        run = resume(out, workers=args.workers)
+    else:
+        run = train([f"fairface:{args.fairface}"], scheme="fairface7", out=out, workers=args.workers,
+                    **RECIPES[args.name])
+    target = shipped_dir(args.name)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(run / "model", target)
+    config = load_config(target)
+
+    jobs = [(f"fairface:{args.fairface}", "val", "fairface7"), (f"fairface:{args.fairface}", "val", "race6")]
+    if args.utkface:
+        jobs.append((f"utkface:{args.utkface}", "all", "utk5"))
+    runs = [evaluate(args.name, spec, split=split, scheme=scheme,
+                     out=new_run_dir(None, "evaluate", f"{args.name}-{version}-{spec.split(':')[0]}-{scheme}"),
+                     workers=args.workers) for spec, split, scheme in jobs]
+    evaluations = [m for _, m in runs]
+    shutil.copy(runs[0][0] / "reliability.png", target / "reliability.png")
+    summary = {f"{m['data']['spec'].split(':')[0]}_{m['data']['split']}_{m['scheme']}_accuracy": round(m["accuracy"], 4)
+               for m in evaluations}
+    config = ModelConfig.from_dict({**config.to_dict(), "name": args.name, "version": version,
+                                    "trained_on": config.trained_on.replace(str(args.fairface), "FairFace"),
+                                    "metrics": {**config.metrics, **summary}})
+    (target / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_model_card(target, config, evaluations, REPRODUCE.format(name=args.name),
+                     figures=[("Calibration on FairFace val (7 classes)", "reliability.png")])
+    print(f"{args.name} model written to {target}")
+
+
+if __name__ == "__main__":
+    main()
