@@ -167,7 +167,7 @@ def test_vggface_fine_tunes_from_a_keras_file_and_predicts(tiny_fairface, tmp_pa
     write_h5(weights, keras_layers(small_model()))
     run = tmp_path / "run"
     assert main(["train", "--data", f"fairface:{tiny_fairface}", "--cache-dir", str(tmp_path / "cache"), "--quiet",
-                 "--workers", "1", "--backbone", "vggface", "--weights", str(weights), "--unfreeze", "2",
+                 "--workers", "1", "--backbone", "vggface", "--backbone-weights", str(weights), "--unfreeze", "2",
                  "--views", "2", "--val-fraction", "0.34", "--max-epochs", "2", "--out", str(run)]) == 0
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["backbone"] == "vggface" and config["chip_size"] == 224

@@ -173,7 +173,7 @@ def tuned_space(space: str, tuned: str | None) -> str:
 
 def _vggface(weights: str | Path | None = None, tuned: str | Path | None = None) -> Backbone:
     if not weights:
-        raise InvalidParameterError("the vggface backbone needs its weights file: --weights vgg_face_weights.h5 "
+        raise InvalidParameterError("the vggface backbone needs its weights file: --backbone-weights vgg_face_weights.h5 "
                                     "(the public Keras file or a tutorial race model; facerace downloads nothing)")
     require_torch("the vggface backbone")
     from .vggface import VGGFaceBackbone

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("paths", nargs="+", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
     em.add_argument("--output", "-o", type=Path, required=True, help="the .npz file to write")
     em.add_argument("--backbone", choices=BACKBONES, help="face network (default: the model's)")
-    em.add_argument("--weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
+    em.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
     em.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
     em.add_argument("--model", default="default", help="model whose detector and backbone are the defaults")
     em.add_argument("--column", help="CSV column holding paths (default: path or file)")
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--backbone", default="dlib-resnet-v1-onnx", choices=BACKBONES,
                     help="face network (default dlib-resnet-v1-onnx: dlib's ResNet run by ONNX Runtime; "
                          "to fine-tune: dlib-torch or vggface)")
-    tr.add_argument("--weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
+    tr.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
     tr.add_argument("--unfreeze", type=int, default=0, metavar="N",
                     help="fine-tune the network's last N units with the head (dlib-torch: 1 = its fc layer, "
                          "2-15 also residual blocks; vggface: layers up to fc7); default 0 = frozen")
@@ -208,7 +208,7 @@ def _embed(args: argparse.Namespace) -> int:
     from .sources import expand
 
     predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone,
-                          backbone_weights=args.weights, min_face=args.min_face)
+                          backbone_weights=args.backbone_weights, min_face=args.min_face)
     predictor.validate()
     sources = expand(args.paths, column=args.column, root=args.root)
     paths, boxes, vectors, errors = [], [], [], []
@@ -245,7 +245,7 @@ def _train(args: argparse.Namespace) -> int:
                     seed=args.seed, hidden=args.hidden, learning_rate=args.learning_rate,
                     weight_decay=args.weight_decay, dropout=args.dropout, patience=args.patience,
                     max_epochs=args.max_epochs, detector=args.detector, backbone=args.backbone,
-                    weights=args.weights, flip_average=args.flip_average, unfreeze=args.unfreeze, views=args.views,
+                    backbone_weights=args.backbone_weights, flip_average=args.flip_average, unfreeze=args.unfreeze, views=args.views,
                     backbone_learning_rate=args.backbone_learning_rate, batch_size=args.batch_size,
                     path_column=args.path_column, label_column=args.label_column,
                     cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)

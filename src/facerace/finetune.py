@@ -48,7 +48,7 @@ def load_network(name: str, weights: str | None = None, tuned: str | Path | None
         return net, chips_to_tensor, InputSpec(150, 0.25)
     if name == "vggface":
         if not weights:
-            raise InvalidParameterError("the vggface network needs its weights file: --weights vgg_face_weights.h5")
+            raise InvalidParameterError("the vggface network needs its weights file: --backbone-weights vgg_face_weights.h5")
         from .vggface import CHIP_SIZE, chips_to_tensor, load_keras_h5, load_tuned
 
         net = load_keras_h5(weights)

@@ -120,7 +120,7 @@ def train(
     max_epochs: int | None = None,
     detector: str = "yunet",
     backbone: str = "dlib-resnet-v1-onnx",
-    weights: str | None = None,
+    backbone_weights: str | None = None,
     flip_average: bool = True,
     unfreeze: int = 0,
     views: int = 4,
@@ -142,7 +142,7 @@ def train(
 
     With `unfreeze=0` the backbone stays frozen and a head is trained on cached embeddings
     (default patience 15, at most 200 epochs). With `unfreeze=N` the last N units of a
-    PyTorch backbone (`dlib-torch`, or `vggface` with its `weights` file) are fine-tuned
+    PyTorch backbone (`dlib-torch`, or `vggface` with its `backbone_weights` file) are fine-tuned
     together with the head on `views` views per image (default patience 5, at most 40
     epochs; see `facerace.finetune`).
 
@@ -162,18 +162,19 @@ def train(
     if unfreeze and not flip_average:
         raise InvalidParameterError("fine-tuning always averages each face with its mirror image; drop --no-flip-average")
     if unfreeze:
-        load_network(backbone, weights)[0].split(unfreeze)  # a bad count or weights file fails before any work
+        load_network(backbone, backbone_weights)[0].split(unfreeze)  # fails early on a bad count or file
     run = Path(out) if resume else new_run_dir(out, "train")
     write_json(run / "config.json", {**settings, "environment": environment()})
 
     started = time.perf_counter()
     if unfreeze:
         store, y, rows, report = load_views(
-            data, split, scheme, ViewEmbedder(backbone, weights, unfreeze, views, detector),
+            data, split, scheme, ViewEmbedder(backbone, backbone_weights, unfreeze, views, detector),
             path_column=path_column, label_column=label_column, cache_dir=cache_dir, workers=workers, quiet=quiet)
         tr, va = (rows[i] for i in stratified_split(y[rows], val_fraction, seed))
     else:
-        x, y, _, report = load_embeddings(data, split, scheme, detector=detector, backbone=backbone, weights=weights,
+        x, y, _, report = load_embeddings(data, split, scheme, detector=detector, backbone=backbone,
+                                          weights=backbone_weights,
                                           flip_average=flip_average, path_column=path_column,
                                           label_column=label_column, cache_dir=cache_dir, workers=workers, quiet=quiet)
         tr, va = stratified_split(y, val_fraction, seed)
@@ -186,7 +187,7 @@ def train(
 
         if unfreeze:
             try:
-                fitted = fit(store, y, tr, va, network=backbone, weights=weights, unfreeze=unfreeze,
+                fitted = fit(store, y, tr, va, network=backbone, weights=backbone_weights, unfreeze=unfreeze,
                              classes=classes, hidden=hidden, learning_rate=learning_rate,
                              backbone_learning_rate=backbone_learning_rate, weight_decay=weight_decay,
                              dropout=dropout, batch_size=batch_size, patience=patience, max_epochs=max_epochs,
@@ -206,12 +207,12 @@ def train(
     threshold = choose_threshold(confidence, correct, threshold_target)
 
     predict_backbone = NETWORKS[backbone] if unfreeze else backbone
-    runner = create_backbone(predict_backbone, weights)
+    runner = create_backbone(predict_backbone, backbone_weights)
     config = ModelConfig(
         name=run.name, version=run.name, scheme=scheme, classes=classes, backbone=predict_backbone,
         backbone_version=runner.version, detector=detector, chip_size=runner.input_spec.chip_size,
         chip_padding=runner.input_spec.padding, threshold=round(threshold, 4), flip_average=flip_average,
-        backbone_weights=str(Path(weights).resolve()) if weights else "",
+        backbone_weights=str(Path(backbone_weights).resolve()) if backbone_weights else "",
         threshold_rule=f"lowest confidence at which held-out validation faces are right >= {threshold_target:.0%}"
                        f" of the time (coverage {float((confidence >= threshold).mean()):.1%} of validation faces)",
         trained_on=", ".join(data) + f" (split {split}, {len(tr)} train / {len(va)} validation images)"
