@@ -1,12 +1,13 @@
-"""Rebuild a shipped model: train on FairFace train, evaluate, write config and model card.
+"""Build a model from its recipe: train on FairFace train, evaluate, write config and model card.
 
     python scripts/build_model.py default --fairface ../shared/datasets/fairface [--utkface ../shared/datasets/utkface]
-    python scripts/build_model.py accurate --fairface ../shared/datasets/fairface [--utkface ...]
+    python scripts/build_model.py finetuned --fairface ../shared/datasets/fairface [--utkface ...]
 
-`default`: a head on frozen dlib ResNet embeddings (minutes). `accurate`: the last layers of
-dlib's ResNet fine-tuned with the head (PyTorch; about an hour on 2 CPU cores, resumable:
-rerun the same command after an interruption). Training uses FairFace only (CC BY 4.0);
-UTKFace, if given, is used only for the cross-dataset score.
+`default` (shipped: written into the package): a head on frozen dlib ResNet embeddings
+(minutes). `finetuned` (not shipped: written to runs/models/finetuned, see docs/BENCHMARKS.md
+for why): the last 5 units of dlib's ResNet fine-tuned with the head (PyTorch; about 30 min on
+2 CPU cores, resumable: rerun the same command after an interruption). Training uses FairFace
+only (CC BY 4.0); UTKFace, if given, is used only for the cross-dataset score.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 from facerace.evaluate import evaluate
-from facerace.model import ModelConfig, load_config, shipped_dir
+from facerace.model import SHIPPED, ModelConfig, load_config, shipped_dir
 from facerace.modelcard import write_model_card
 from facerace.runs import new_run_dir
 from facerace.train import resume, train
@@ -28,13 +29,13 @@ REPRODUCE = ("python scripts/build_model.py {name} --fairface ../shared/datasets
 #: Training settings of each shipped model (the rest are `facerace.train.train`'s defaults).
 RECIPES = {
     "default": {},
-    "accurate": {"backbone": "dlib-torch", "unfreeze": 5, "views": 4},
+    "finetuned": {"backbone": "dlib-torch", "unfreeze": 5, "views": 8},
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", choices=RECIPES, help="which shipped model to rebuild")
+    ap.add_argument("name", choices=RECIPES, help="which model to build")
     ap.add_argument("--fairface", required=True, type=Path, help="FairFace folder with fairface_label_train.csv")
     ap.add_argument("--utkface", type=Path, help="UTKFace folder (cross-dataset evaluation only)")
     ap.add_argument("--workers", type=int)
@@ -47,7 +48,7 @@ def main() -> None:
     else:
         run = train([f"fairface:{args.fairface}"], scheme="fairface7", out=out, workers=args.workers,
                     **RECIPES[args.name])
-    target = shipped_dir(args.name)
+    target = shipped_dir(args.name) if args.name in SHIPPED else Path("runs/models") / args.name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run / "model", target)
     config = load_config(target)
@@ -55,7 +56,7 @@ def main() -> None:
     jobs = [(f"fairface:{args.fairface}", "val", "fairface7"), (f"fairface:{args.fairface}", "val", "race6")]
     if args.utkface:
         jobs.append((f"utkface:{args.utkface}", "all", "utk5"))
-    runs = [evaluate(args.name, spec, split=split, scheme=scheme,
+    runs = [evaluate(args.name if args.name in SHIPPED else target, spec, split=split, scheme=scheme,
                      out=new_run_dir(None, "evaluate", f"{args.name}-{version}-{spec.split(':')[0]}-{scheme}"),
                      workers=args.workers) for spec, split, scheme in jobs]
     evaluations = [m for _, m in runs]

@@ -94,6 +94,11 @@ def test_torch_head_converts_to_the_same_numpy_head():
     with torch.no_grad():
         expected = torch.softmax(head((x - mean) / scale), 1).numpy()
     assert np.allclose(race_head.predict_proba(x.numpy()), expected, atol=1e-5)
+    linear = torch.nn.Sequential(torch.nn.Linear(8, 3)).eval()
+    race_head = _to_race_head(linear, mean, scale, ("a", "b", "c"), 0, 0.5)
+    race_head.temperature_ = 1.0
+    with torch.no_grad():
+        assert np.allclose(race_head.predict_proba(x.numpy()), torch.softmax(linear((x - mean) / scale), 1), atol=1e-5)
 
 
 def test_train_unfreeze_end_to_end_then_resume_matches_an_uninterrupted_run(tiny_fairface, tmp_path, chips):
@@ -185,3 +190,12 @@ def test_export_gives_the_predictors_probabilities(tmp_path, chips):
     predictor = Predictor("default")
     expected = predictor.predict_proba(predictor.embed(chips[:8]))
     assert exported.shape == (8, 7) and np.abs(exported - expected).max() < 1e-4
+
+
+def test_dlib_torch_backbone_embeds_as_the_onnx_one(chips):
+    from facerace.backbones import create_backbone
+
+    torch_backbone, onnx_backbone = create_backbone("dlib-torch"), create_backbone("dlib-resnet-v1-onnx")
+    assert torch_backbone.space == onnx_backbone.space
+    assert np.abs(torch_backbone.embed(chips[:4]) - onnx_backbone.embed(chips[:4])).max() < 1e-4
+    assert torch_backbone.embed(chips[:0]).shape == (0, 128)

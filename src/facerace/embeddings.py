@@ -17,7 +17,7 @@ import numpy as np
 from .align import Aligner
 from .backbones import Backbone, create_backbone, embed_chips
 from .cache import EmbeddingCache
-from .detect import create_detector, known_face_region
+from .detect import Detector, create_detector, known_face_region
 from .errors import ImageError
 from .images import load_image
 from .predictor import MIN_FACE
@@ -66,10 +66,17 @@ class CropEmbedder:
             rgb = load_image(path)
         except ImageError as exc:
             return None, False, exc.reason
-        faces = [d for d in detector.detect(rgb) if min(d.box[2], d.box[3]) >= MIN_FACE]
-        face = faces[0] if faces else known_face_region(rgb.shape, self.face_padding)
-        _, chips = aligner.align(rgb, [face.box])
-        return embed_chips(backbone, chips, flip_average=self.flip_average)[0], bool(faces), None
+        chip, detected = main_face_chip(rgb, detector, aligner, self.face_padding)
+        return embed_chips(backbone, chip[None], flip_average=self.flip_average)[0], detected, None
+
+
+def main_face_chip(rgb: np.ndarray, detector: Detector, aligner: Aligner, face_padding: float
+                   ) -> tuple[np.ndarray, bool]:
+    """(aligned chip, detected) of a face-crop image: its largest face of at least MIN_FACE px, else the
+    dataset's known face region (`face_padding`)."""
+    faces = [d for d in detector.detect(rgb) if min(d.box[2], d.box[3]) >= MIN_FACE]
+    face = faces[0] if faces else known_face_region(rgb.shape, face_padding)
+    return aligner.align(rgb, [face.box])[1][0], bool(faces)
 
 
 _WORKER: Callable | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,10 +23,12 @@ import numpy as np
 from .align import Aligner
 from .augment import view
 from .backbones import InputSpec, require_torch
-from .detect import create_detector, known_face_region
+from .detect import create_detector
+from .embeddings import main_face_chip, parallel_batches
 from .errors import ImageError, InvalidParameterError
 from .head import History, RaceHead, fit_temperature
 from .images import load_image
+from .predictor import MIN_FACE
 
 #: The networks that can be fine-tuned, and the backbone that runs the result at prediction time.
 NETWORKS = {"dlib-torch": "dlib-resnet-v1-onnx", "vggface": "vggface"}
@@ -65,7 +67,6 @@ class ViewEmbedder:
     unfreeze: int
     views: int
     detector: str
-    min_face: int = 32
 
     def __post_init__(self) -> None:
         self._parts: tuple | None = None
@@ -77,7 +78,7 @@ class ViewEmbedder:
     def pipeline_id(self) -> str:
         source = self.weights and hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()[:16]
         return (f"prefix|{self.network}|{source}|unfreeze={self.unfreeze}|views={self.views}|det={self.detector}"
-                f"|min={self.min_face}|augment-v1")
+                f"|min={MIN_FACE}|augment-v1")
 
     def parts(self) -> tuple:
         """(detector, aligner, frozen prefix, to_tensor), loaded once per process."""
@@ -104,12 +105,10 @@ class ViewEmbedder:
             rgb = load_image(path)
         except ImageError as exc:
             return None, False, exc.reason
-        faces = [d for d in detector.detect(rgb) if min(d.box[2], d.box[3]) >= self.min_face]
-        face = faces[0] if faces else known_face_region(rgb.shape, face_padding)
-        chip = aligner.align(rgb, [face.box])[1][0]
+        chip, detected = main_face_chip(rgb, detector, aligner, face_padding)
         chips = np.stack([view(chip, i, seed) for i in range(self.views)])
         with torch.no_grad():
-            return prefix(to_tensor(chips)).numpy().astype(np.float16), bool(faces), None
+            return prefix(to_tensor(chips)).numpy().astype(np.float16), detected, None
 
 
 class FeatureStore:
@@ -151,7 +150,6 @@ def compute_views(paths: Sequence[str], digests: Sequence[str], face_paddings: S
     from tqdm import tqdm
 
     from .cache import default_cache_dir
-    from .embeddings import parallel_batches
 
     key = hashlib.sha256("\n".join([embedder.pipeline_id, *digests, *map(str, face_paddings)]).encode()
                          ).hexdigest()[:20]
@@ -178,12 +176,11 @@ def compute_views(paths: Sequence[str], digests: Sequence[str], face_paddings: S
 
 @dataclass
 class FineTuned:
-    """What fine-tuning produced: a calibrated head, the tuned layers, and the validation outputs."""
+    """What fine-tuning produced: a calibrated head (with its `history_`), the tuned layers, validation probabilities."""
 
     head: RaceHead
     tuned: dict[str, np.ndarray]
     val_probs: np.ndarray
-    history: History = field(default_factory=History)
 
 
 def fit(store: FeatureStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, *, network: str,
@@ -219,7 +216,8 @@ def fit(store: FeatureStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.n
         sample = embed(np.sort(train_idx[:2000]), 0)
     mean, scale = sample.mean(0), sample.std(0) + 1e-6
     dim = sample.shape[1]
-    head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, len(classes)))
+    head = (nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, len(classes)))
+            if hidden else nn.Sequential(nn.Linear(dim, len(classes))))
     # L2 penalty on the head only (as RaceHead); the tuned layers are held near their pretrained values
     # by their small step size and early stopping instead.
     optimizer = torch.optim.Adam([{"params": suffix.parameters(), "lr": backbone_learning_rate},
@@ -294,7 +292,7 @@ def fit(store: FeatureStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.n
              if any(p is q for q in suffix.parameters())}
     from .head import softmax
 
-    return FineTuned(race_head, tuned, softmax(val_logits / race_head.temperature_), history)
+    return FineTuned(race_head, tuned, softmax(val_logits / race_head.temperature_))
 
 
 def _copy(state: dict) -> dict:
@@ -303,9 +301,11 @@ def _copy(state: dict) -> dict:
 
 def _to_race_head(head: Any, mean: Any, scale: Any, classes: tuple[str, ...], hidden: int, dropout: float) -> RaceHead:
     """The torch head as a numpy RaceHead (same layers), so prediction needs no PyTorch."""
-    first, last = head[0], head[3]
+    from torch import nn
+
     race_head = RaceHead(classes, hidden=hidden, dropout=dropout)
     race_head.mean_, race_head.scale_ = mean.numpy(), scale.numpy()
-    race_head.params_ = {"w0": first.weight.detach().numpy().T.copy(), "b0": first.bias.detach().numpy().copy(),
-                         "w1": last.weight.detach().numpy().T.copy(), "b1": last.bias.detach().numpy().copy()}
+    dense = [m for m in head if isinstance(m, nn.Linear)]
+    race_head.params_ = {f"{kind}{i}": t.detach().numpy().T.copy() if kind == "w" else t.detach().numpy().copy()
+                         for i, m in enumerate(dense) for kind, t in (("w", m.weight), ("b", m.bias))}
     return race_head

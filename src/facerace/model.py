@@ -134,14 +134,15 @@ def load_backbone(model: str | Path, config: ModelConfig, name: str | None = Non
 
 def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None
                ) -> ModelConfig:
-    """Write head weights, fine-tuned backbone layers (if any) and config (with SHA-256s) into folder `path`."""
+    """Write head weights, fine-tuned backbone layers (if any, as float16) and config (with SHA-256s) into `path`."""
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     head.save(path / config.weights)
     extra = {}
     if tuned:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tuned.items()}, str(path / TUNED_FILE))
+        # float16 halves the file (the package ships one); layers are computed in float32 after loading
+        save_file({k: np.ascontiguousarray(v, np.float16) for k, v in tuned.items()}, str(path / TUNED_FILE))
         extra = {"tuned": TUNED_FILE, "tuned_sha256": sha256_file(path / TUNED_FILE)}
     final = ModelConfig.from_dict({**config.to_dict(), "sha256": sha256_file(path / config.weights), **extra})
     (path / CONFIG_FILE).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
