@@ -162,6 +162,10 @@ def test_train_unfreeze_usage_errors(tiny_fairface, tmp_path, capsys):
     assert "weights file" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text('{"data": [], "weights": null}')
+    assert main(["train", "--resume", str(tmp_path / "old")]) == 2
+    assert "not written by this facerace version" in capsys.readouterr().err
 
 
 def test_vggface_fine_tunes_from_a_keras_file_and_predicts(tiny_fairface, tmp_path):
@@ -179,6 +183,11 @@ def test_vggface_fine_tunes_from_a_keras_file_and_predicts(tiny_fairface, tmp_pa
     assert config["backbone_weights"] == str(weights.resolve())
     result = Predictor(run).predict_image(FIXTURES / "354.jpg")
     assert len(result.faces[0].probabilities) == 7
+    # the same file serves `facerace embed`: the fc7 descriptor of every face
+    npz = tmp_path / "vgg.npz"
+    assert main(["embed", str(FIXTURES / "354.jpg"), "--backbone", "vggface", "--backbone-weights", str(weights),
+                 "--output", str(npz)]) == 0
+    assert np.load(npz)["embeddings"].shape == (1, 16)
 
 
 def test_export_gives_the_predictors_probabilities(tmp_path, chips):

@@ -127,10 +127,13 @@ class Predictor:
         if self._loaded is None:
             config, head = load_model(self.model)
             self._config = config
+            backbone = load_backbone(self.model, config, self.backbone, self.backbone_weights)
+            # another backbone than the model's brings its own chip size (e.g. 224 px for vggface)
+            spec = backbone.input_spec if self.backbone else None
             self._loaded = (
                 self._make_detector(),
-                Aligner(config.chip_size, config.chip_padding),
-                load_backbone(self.model, config, self.backbone, self.backbone_weights),
+                Aligner(spec.chip_size, spec.padding) if spec else Aligner(config.chip_size, config.chip_padding),
+                backbone,
                 head,
             )
         return self._loaded

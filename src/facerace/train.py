@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import time
 from pathlib import Path
@@ -249,5 +250,9 @@ def resume(run: str | Path, *, cache_dir: str | Path | None = None, workers: int
         raise InvalidParameterError(f"{run} is not a training run folder (no config.json)")
     settings = json.loads(config.read_text())
     settings.pop("environment", None)
+    unknown = set(settings) - set(inspect.signature(train).parameters)
+    if unknown or "data" not in settings:
+        raise InvalidParameterError(f"{config} was not written by this facerace version (settings "
+                                    f"{sorted(unknown) or ['data missing']}); start a new run instead")
     return train(settings.pop("data"), **settings, out=run, cache_dir=cache_dir, workers=workers, quiet=quiet,
                  resume=True)
