@@ -189,6 +189,16 @@ def test_vggface_fine_tunes_from_a_keras_file_and_predicts(tiny_fairface, tmp_pa
                  "--output", str(npz)]) == 0
     assert np.load(npz)["embeddings"].shape == (1, 16)
 
+    # and the fine-tuned VGG-Face model exports to one ONNX file with the Predictor's probabilities
+    ort = pytest.importorskip("onnxruntime")
+    exported = tmp_path / "vgg.onnx"
+    assert main(["export", "--model", str(run), "--output", str(exported)]) == 0
+    chips = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    predictor = Predictor(run)
+    expected = predictor.predict_proba(predictor.embed(chips))
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"chips": chips})[0] - expected).max() < 1e-4
+
 
 def test_export_gives_the_predictors_probabilities(tmp_path, chips):
     ort = pytest.importorskip("onnxruntime")
