@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
     tr.add_argument("--unfreeze", type=int, default=0, metavar="N",
                     help="fine-tune the network's last N units with the head (dlib-torch: 1 = its fc layer, "
-                         "2-15 also residual blocks; vggface: layers up to fc7); default 0 = frozen")
+                         "2-15 also residual blocks, 16 all; vggface: 1-15 of conv1_1..fc7); default 0 = frozen")
     tr.add_argument("--views", type=int, default=4, help="views per image when fine-tuning: the face, its mirror "
                                                          "and random augmentations (default 4)")
     tr.add_argument("--backbone-learning-rate", type=float, default=3e-5,
