@@ -23,7 +23,6 @@ from _proc import tree_rss_mb
 
 from facerace.runs import environment
 
-
 FINETUNE = ["--backbone", "dlib-torch", "--unfreeze", "5", "--views", "8", "--max-epochs", "3"]
 
 

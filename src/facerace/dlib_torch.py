@@ -18,6 +18,7 @@ from torch import nn
 from .dlib_format import CHIP_SIZE, MEAN_RGB, STAGES, network, read_dlib_resnet, state_dict
 from .errors import InvalidParameterError
 
+
 class Affine(nn.Module):
     """dlib's `affine` layer in CONV_MODE: a fixed per-channel scale and shift."""
 
