@@ -188,6 +188,10 @@ def test_vggface_fine_tunes_from_a_keras_file_and_predicts(tiny_fairface, tmp_pa
     assert main(["embed", str(FIXTURES / "354.jpg"), "--backbone", "vggface", "--backbone-weights", str(weights),
                  "--output", str(npz)]) == 0
     assert np.load(npz)["embeddings"].shape == (1, 16)
+    # the default model's head cannot classify VGG-Face embeddings; dlib's C++ engine computes its own
+    with pytest.raises(InvalidParameterError, match="does not compute"):
+        Predictor("default", backbone="vggface", backbone_weights=weights).predict_proba(np.zeros((1, 16)))
+    assert Predictor("default", backbone="dlib-resnet-v1").predict_proba(np.zeros((1, 128))).shape == (1, 7)
 
     # and the fine-tuned VGG-Face model exports to one ONNX file with the Predictor's probabilities
     ort = pytest.importorskip("onnxruntime")

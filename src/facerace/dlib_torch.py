@@ -109,13 +109,18 @@ def load_dlib_resnet(path: str | Path | None = None) -> DlibResNet:
     return DlibResNet().load_dlib(network(read_dlib_resnet(path))).eval()
 
 
+def normalise(chips: torch.Tensor) -> torch.Tensor:
+    """dlib's `input_rgb_image_sized<150>` on a tensor: (n, 150, 150, 3) uint8 RGB -> (n, 3, 150, 150) (x - mean) / 256."""
+    mean = torch.tensor(MEAN_RGB, dtype=torch.float32)[:, None, None]
+    return (chips.permute(0, 3, 1, 2).float() - mean) / 256
+
+
 def chips_to_tensor(chips: np.ndarray) -> torch.Tensor:
-    """dlib's `input_rgb_image_sized<150>`: (n, 150, 150, 3) uint8 RGB -> (n, 3, 150, 150) (x - mean) / 256."""
+    """`normalise` for numpy chips, checking their shape and type."""
     chips = np.asarray(chips)
     if chips.ndim != 4 or chips.shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3) or chips.dtype != np.uint8:
         raise ValueError(f"expected (n, {CHIP_SIZE}, {CHIP_SIZE}, 3) uint8 chips, got {chips.shape} {chips.dtype}")
-    mean = torch.tensor(MEAN_RGB, dtype=torch.float32)[:, None, None]
-    return (torch.from_numpy(chips).permute(0, 3, 1, 2).float() - mean) / 256
+    return normalise(torch.from_numpy(chips))
 
 
 def export_onnx(model: DlibResNet, path: str | Path) -> None:

@@ -15,21 +15,14 @@ import numpy as np
 
 from .backbones import require_torch
 from .errors import InvalidParameterError
-from .finetune import load_network
+from .finetune import NETWORKS, load_network
 from .head import RaceHead
 from .model import load_model, tuned_file
 
-#: Prediction backbone -> the PyTorch network that computes the same embeddings.
-_NETWORKS = {"dlib-resnet-v1": "dlib-torch", "dlib-resnet-v1-onnx": "dlib-torch", "dlib-torch": "dlib-torch",
-             "vggface": "vggface"}
-
-
-def _input_scaling(network: str) -> tuple[np.ndarray, float]:
-    if network == "dlib-torch":
-        from .dlib_format import MEAN_RGB
-
-        return np.array(MEAN_RGB, np.float32), 1 / 256
-    return np.zeros(3, np.float32), 1 / 255
+#: Prediction backbone -> the PyTorch network that computes the same embeddings: each fine-tuned model's
+#: backbone, and the other engines of dlib's network.
+_NETWORKS = {**{runner: network for network, runner in NETWORKS.items()},
+             "dlib-resnet-v1": "dlib-torch", "dlib-torch": "dlib-torch"}
 
 
 def export_onnx(model: str | Path = "default", path: str | Path = "facerace.onnx") -> Path:
@@ -41,18 +34,16 @@ def export_onnx(model: str | Path = "default", path: str | Path = "facerace.onnx
     if config.backbone not in _NETWORKS:
         raise InvalidParameterError(f"cannot export a model on backbone {config.backbone}")
     network = _NETWORKS[config.backbone]
-    net, _, spec = load_network(network, config.backbone_weights or None, tuned_file(model, config))
-    mean, scale = _input_scaling(network)
+    net, normalise, spec = load_network(network, config.backbone_weights or None, tuned_file(model, config))
 
     class Whole(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.descriptor = nn.Sequential(*net.split(1))
-            self.register_buffer("mean", torch.from_numpy(mean)[:, None, None])
             self.head = _torch_head(head)
 
         def forward(self, chips: torch.Tensor) -> torch.Tensor:
-            x = (chips.permute(0, 3, 1, 2).float() - self.mean) * scale
+            x = normalise(chips)
             features = self.descriptor(x)
             if config.flip_average:
                 features = (features + self.descriptor(x.flip(3))) / 2

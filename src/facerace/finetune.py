@@ -22,12 +22,13 @@ import numpy as np
 
 from .align import Aligner
 from .augment import view
-from .backbones import InputSpec, require_torch
+from .backbones import DlibResNet, InputSpec, require_torch
 from .detect import create_detector
 from .embeddings import main_face_chip, parallel_batches
 from .errors import ImageError, InvalidParameterError
 from .head import History, RaceHead, fit_temperature
 from .images import load_image
+from .model import sha256_file
 from .predictor import MIN_FACE
 
 #: The networks that can be fine-tuned, and the backbone that runs the result at prediction time.
@@ -35,26 +36,26 @@ NETWORKS = {"dlib-torch": "dlib-resnet-v1-onnx", "vggface": "vggface"}
 
 
 def load_network(name: str, weights: str | None = None, tuned: str | Path | None = None
-                 ) -> tuple[Any, Callable[[np.ndarray], Any], InputSpec]:
-    """(PyTorch module in eval mode, chips -> input tensor, input spec) of fine-tunable network `name`,
-    with the layers of a fine-tuned file `tuned` swapped in."""
+                 ) -> tuple[Any, Callable[[Any], Any], InputSpec]:
+    """(PyTorch module in eval mode, its input normalisation of uint8 (n, s, s, 3) chip tensors, input spec)
+    of fine-tunable network `name`, with the layers of a fine-tuned file `tuned` swapped in."""
     require_torch(f"the PyTorch {name} network")
     if name == "dlib-torch":
         from safetensors.torch import load_file
 
-        from .dlib_torch import chips_to_tensor, load_dlib_resnet
+        from .dlib_torch import load_dlib_resnet, normalise
 
         net = load_dlib_resnet()
         if tuned:
             net.load_state_dict(load_file(str(tuned)), strict=False)
-        return net, chips_to_tensor, InputSpec(150, 0.25)
+        return net, normalise, DlibResNet.input_spec
     if name == "vggface":
         if not weights:
             raise InvalidParameterError("the vggface network needs its weights file: --backbone-weights vgg_face_weights.h5")
-        from .vggface import CHIP_SIZE, chips_to_tensor, load_keras_h5, load_tuned
+        from .vggface import VGGFaceBackbone, load_keras_h5, load_tuned, normalise
 
         net = load_keras_h5(weights)
-        return (load_tuned(net, tuned) if tuned else net).eval(), chips_to_tensor, InputSpec(CHIP_SIZE, 0.25)
+        return (load_tuned(net, tuned) if tuned else net).eval(), normalise, VGGFaceBackbone.input_spec
     raise InvalidParameterError(f"no PyTorch network for backbone {name!r}; choose one of {', '.join(NETWORKS)}")
 
 
@@ -76,21 +77,21 @@ class ViewEmbedder:
 
     @property
     def pipeline_id(self) -> str:
-        source = self.weights and hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()[:16]
+        source = self.weights and sha256_file(Path(self.weights))[:16]
         return (f"prefix|{self.network}|{source}|unfreeze={self.unfreeze}|views={self.views}|det={self.detector}"
                 f"|min={MIN_FACE}|augment-v1")
 
     def parts(self) -> tuple:
-        """(detector, aligner, frozen prefix, to_tensor), loaded once per process."""
+        """(detector, aligner, frozen prefix, input normalisation), loaded once per process."""
         if self._parts is None:
             import cv2
             import torch
 
             cv2.setNumThreads(1)
             torch.set_num_threads(1)
-            net, to_tensor, spec = load_network(self.network, self.weights)
+            net, normalise, spec = load_network(self.network, self.weights)
             prefix, _ = net.split(self.unfreeze)
-            self._parts = (create_detector(self.detector), Aligner(spec.chip_size, spec.padding), prefix, to_tensor)
+            self._parts = (create_detector(self.detector), Aligner(spec.chip_size, spec.padding), prefix, normalise)
         return self._parts
 
     def __call__(self, item: tuple[str, int, float]) -> tuple[np.ndarray | None, bool, str | None]:
@@ -100,7 +101,7 @@ class ViewEmbedder:
         import torch
 
         path, seed, face_padding = item
-        detector, aligner, prefix, to_tensor = self.parts()
+        detector, aligner, prefix, normalise = self.parts()
         try:
             rgb = load_image(path)
         except ImageError as exc:
@@ -108,7 +109,7 @@ class ViewEmbedder:
         chip, detected = main_face_chip(rgb, detector, aligner, face_padding)
         chips = np.stack([view(chip, i, seed) for i in range(self.views)])
         with torch.no_grad():
-            return prefix(to_tensor(chips)).numpy().astype(np.float16), detected, None
+            return prefix(normalise(torch.from_numpy(chips))).numpy().astype(np.float16), detected, None
 
 
 class FeatureStore:
@@ -129,7 +130,6 @@ class FeatureStore:
         else:
             self.features = np.lib.format.open_memmap(features, "w+", np.float16, (n, *shape))
             self.done, self.detected = np.zeros(n, bool), np.zeros(n, bool)
-        self.errors: dict[int, str] = {}
         self.computed = 0
 
     def commit(self) -> None:
@@ -153,10 +153,9 @@ def compute_views(paths: Sequence[str], digests: Sequence[str], face_paddings: S
 
     key = hashlib.sha256("\n".join([embedder.pipeline_id, *digests, *map(str, face_paddings)]).encode()
                          ).hexdigest()[:20]
-    net, to_tensor, spec = load_network(embedder.network, embedder.weights)
-    prefix, _ = net.split(embedder.unfreeze)
+    _, aligner, prefix, normalise = embedder.parts()  # with one worker, these compute the views below too
     with torch.no_grad():
-        shape = tuple(prefix(to_tensor(np.zeros((1, spec.chip_size, spec.chip_size, 3), np.uint8))).shape[1:])
+        shape = tuple(prefix(normalise(torch.zeros(1, aligner.size, aligner.size, 3, dtype=torch.uint8))).shape[1:])
     store = FeatureStore(Path(cache_dir or default_cache_dir()) / "views" / key, len(paths), (embedder.views, *shape))
     todo = np.nonzero(~store.done)[0]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
@@ -164,9 +163,7 @@ def compute_views(paths: Sequence[str], digests: Sequence[str], face_paddings: S
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not len(todo)) as bar:
         for positions, outs in parallel_batches(embedder, items, workers=workers, batch=32 * workers):
             for i, (features, detected, error) in zip(todo[positions.start : positions.stop], outs):
-                if error is not None:
-                    store.errors[int(i)] = error
-                else:
+                if error is None:  # unreadable images stay not done, and are counted by the caller
                     store.features[i], store.detected[i], store.done[i] = features, detected, True
             store.commit()
             store.computed += len(positions)

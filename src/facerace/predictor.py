@@ -128,13 +128,15 @@ class Predictor:
             config, head = load_model(self.model)
             self._config = config
             backbone = load_backbone(self.model, config, self.backbone, self.backbone_weights)
-            # another backbone than the model's brings its own chip size (e.g. 224 px for vggface)
+            # another backbone than the model's brings its own chip size (e.g. 224 px for vggface), and the
+            # head only classifies its embeddings if it computes the model's (checked once, here)
             spec = backbone.input_spec if self.backbone else None
+            same_space = self.backbone is None or backbone.space == load_backbone(self.model, config).space
             self._loaded = (
                 self._make_detector(),
                 Aligner(spec.chip_size, spec.padding) if spec else Aligner(config.chip_size, config.chip_padding),
                 backbone,
-                head,
+                head if same_space else None,
             )
         return self._loaded
 
@@ -150,7 +152,7 @@ class Predictor:
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """Probabilities (n, len(classes_)) for embeddings, in the chosen scheme."""
         _, _, backbone, head = self._parts()
-        if self.backbone is not None and backbone.space != load_backbone(self.model, self.config).space:
+        if head is None:
             raise InvalidParameterError(
                 f"the model's head was trained on {self.config.backbone} embeddings, which backbone "
                 f"{backbone.name} does not compute; drop --backbone to predict, or use it with `facerace embed`")

@@ -85,9 +85,14 @@ def _checked(chips: np.ndarray) -> np.ndarray:
     return chips
 
 
+def normalise(chips: torch.Tensor) -> torch.Tensor:
+    """(n, 224, 224, 3) uint8 RGB tensor -> (n, 3, 224, 224) float32 x / 255, as the Keras models were fed."""
+    return chips.permute(0, 3, 1, 2).float() / 255
+
+
 def chips_to_tensor(chips: np.ndarray) -> torch.Tensor:
-    """(n, 224, 224, 3) uint8 RGB -> (n, 3, 224, 224) float32 x / 255, as the Keras models were fed."""
-    return torch.from_numpy(_checked(chips)).permute(0, 3, 1, 2).float() / 255
+    """`normalise` for numpy chips, checking their shape and type."""
+    return normalise(torch.from_numpy(_checked(chips)))
 
 
 def _attribute(group: Any, name: str) -> list[str]:
