@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from facerace.evaluate import evaluate
-from facerace.runs import environment
+from facerace.training.evaluate import evaluate
+from facerace.training.runs import environment
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from facerace.align import Aligner
 from facerace.backbones import DlibResNetOnnx, create_backbone
 from facerace.images import load_image
-from facerace.runs import environment
+from facerace.training.runs import environment
 
 BATCH = 32
 
@@ -42,7 +42,7 @@ def engines() -> list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]:
     try:
         import torch
 
-        from facerace.dlib_torch import chips_to_tensor, load_dlib_resnet
+        from facerace.backbones.dlib_torch import chips_to_tensor, load_dlib_resnet
     except ImportError:
         return found
     model = load_dlib_resnet()
@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
         paths = [args.fairface / r["file"] for r in list(csv.DictReader(f))[: args.n]]
-    aligner = Aligner()
+    aligner = Aligner(150, 0.25)  # dlib's standard chip
     chips = np.stack([aligner.align(load_image(p), [(37, 37, 150, 150)])[1][0] for p in paths])
     rows, reference = [], None
     for name, threads, embed in engines():

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 from _proc import tree_rss_mb
 
-from facerace.runs import environment
+from facerace.training.runs import environment
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from facerace import Predictor
-from facerace.runs import environment
+from facerace.training.runs import environment
 
 
 def faces_per_second(paths: list[Path], workers: int, model: str, detector: str) -> tuple[float, dict[str, float]]:

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from facerace import Predictor
-from facerace.runs import environment
-from facerace.stream import stream
+from facerace.apps.stream import stream
+from facerace.training.runs import environment
 
 
 def make_video(path: Path, faces: list[np.ndarray], frames: int) -> None:

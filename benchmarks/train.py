@@ -21,7 +21,7 @@ from pathlib import Path
 
 from _proc import tree_rss_mb
 
-from facerace.runs import environment
+from facerace.training.runs import environment
 
 FINETUNE = ["--backbone", "dlib-torch", "--unfreeze", "5", "--views", "8", "--max-epochs", "3"]
 

@@ -18,15 +18,16 @@ import shutil
 from datetime import date
 from pathlib import Path
 
-from facerace.evaluate import evaluate
 from facerace.model import SHIPPED, ModelConfig, load_config, shipped_dir
-from facerace.modelcard import write_model_card
-from facerace.runs import new_run_dir
-from facerace.train import resume, train
+from facerace.training.config import TrainConfig
+from facerace.training.evaluate import evaluate
+from facerace.training.modelcard import write_model_card
+from facerace.training.runs import new_run_dir
+from facerace.training.train import resume, train
 
 REPRODUCE = ("python scripts/build_model.py {name} --fairface ../shared/datasets/fairface "
              "--utkface ../shared/datasets/utkface")
-#: Training settings of each shipped model (the rest are `facerace.train.train`'s defaults).
+#: Training settings of each model (the rest are TrainConfig's defaults).
 RECIPES = {
     "default": {},
     "finetuned": {"backbone": "dlib-torch", "unfreeze": 5, "views": 8},
@@ -46,8 +47,8 @@ def main() -> None:
     if (out / "checkpoint.pt").is_file():
         run = resume(out, workers=args.workers)
     else:
-        run = train([f"fairface:{args.fairface}"], scheme="fairface7", out=out, workers=args.workers,
-                    **RECIPES[args.name])
+        config = TrainConfig(data=(f"fairface:{args.fairface}",), scheme="fairface7", **RECIPES[args.name])
+        run = train(config, out=out, workers=args.workers)
     target = shipped_dir(args.name) if args.name in SHIPPED else Path("runs/models") / args.name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run / "model", target)

@@ -45,7 +45,7 @@ def chips(faces) -> np.ndarray:
     """28 real aligned chips: each fixture face as is, mirrored, darker and brighter."""
     from facerace.align import Aligner
 
-    aligner = Aligner()
+    aligner = Aligner(150, 0.25)  # dlib's standard chip
     out = []
     for path in faces:
         rgb = np.asarray(Image.open(path).convert("RGB"))

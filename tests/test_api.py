@@ -3,9 +3,12 @@ import subprocess
 import sys
 
 import facerace
-from facerace import cli, predictor, sources
-from facerace.evaluate import evaluate
-from facerace.train import train
+from facerace import predictor
+from facerace.apps import cli, sources
+from facerace.head import HeadParams
+from facerace.training.config import TrainConfig
+from facerace.training.evaluate import evaluate
+from facerace.training.train import train
 
 
 def _flags(command: str) -> set[str]:
@@ -18,7 +21,8 @@ def _params(fn) -> set[str]:
 
 
 def test_cli_flags_are_api_parameters():
-    assert _flags("train") <= _params(train)
+    config_fields = set(TrainConfig.__dataclass_fields__) | set(HeadParams.__dataclass_fields__)
+    assert _flags("train") <= _params(train) | config_fields | {"resume"}
     assert _flags("evaluate") <= _params(evaluate)
     api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
     assert _flags("predict") - {"format", "output", "annotate", "paths"} <= api
@@ -26,8 +30,10 @@ def test_cli_flags_are_api_parameters():
 
 
 def test_public_names():
-    assert set(facerace.__all__) == {"analyze", "Predictor", "load_image", "FaceResult", "ImageResult",
+    assert set(facerace.__all__) == {"analyze", "Predictor", "embed", "train", "evaluate", "export_onnx",
+                                     "TrainConfig", "HeadParams", "load_image", "FaceResult", "ImageResult",
                                      "list_models", "__version__"}
+    assert all(callable(getattr(facerace, name)) for name in facerace.__all__ if name != "__version__")
     assert facerace.list_models()[0]["name"] == "default"
 
 

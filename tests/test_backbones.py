@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-
-from facerace.backbones import create_backbone, dlib_model_file
-from facerace.dlib_format import MEAN_RGB, MODEL_FILE, network, read_dlib_resnet
-from facerace.dlib_onnx import cached_onnx
-
 from conftest import cosine
+
+from facerace.backbones import create_backbone
+from facerace.backbones.dlib_format import MEAN_RGB, MODEL_FILE, network, read_dlib_resnet
+from facerace.backbones.dlib_onnx import cached_onnx
+from facerace.files import dlib_model_file
 
 
 def test_reader_finds_dlibs_face_recognition_resnet():
@@ -47,10 +47,10 @@ def test_onnx_file_is_built_once_and_cached(tmp_path):
 
 
 def test_flip_average_is_the_mean_of_chip_and_mirror(chips):
-    from facerace.backbones import embed_chips
+    from facerace.faces import FacePipeline
 
     backbone = create_backbone("dlib-resnet-v1-onnx")
-    both = embed_chips(backbone, chips[:4], flip_average=True)
+    both = FacePipeline(flip_average=True).embed(chips[:4])
     expected = (backbone.embed(chips[:4]) + backbone.embed(np.ascontiguousarray(chips[:4, :, ::-1]))) / 2
     np.testing.assert_allclose(both, expected, atol=1e-5)
     assert not np.allclose(both, backbone.embed(chips[:4]), atol=1e-3)

@@ -8,7 +8,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-from facerace.cli import main
+from facerace.apps.cli import main
 from facerace.results import ROW_KEYS
 
 

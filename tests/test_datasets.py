@@ -1,11 +1,10 @@
 import shutil
 
 import pytest
-
-from facerace.datasets import open_dataset, parse_utk_name, utk_age_group
-from facerace.errors import DatasetError, InvalidParameterError
-
 from conftest import FIXTURES, needs_dataset
+
+from facerace.errors import DatasetError, InvalidParameterError
+from facerace.training.datasets import open_dataset, parse_utk_name, utk_age_group
 
 
 def make_fairface(root, rows, split="val"):
@@ -98,7 +97,7 @@ def test_fairface_csv_beside_the_wrong_folder_says_where_images_are(tmp_path):
 
 
 def test_datasets_check_cli(tmp_path, capsys):
-    from facerace.cli import main
+    from facerace.apps.cli import main
 
     root = make_fairface(tmp_path / "ff", [("1.jpg", "Black"), ("missing", "White")])
     (root / "val" / "2.jpg").write_bytes(b"not a jpeg")

@@ -9,9 +9,10 @@ torch = pytest.importorskip("torch")
 
 from conftest import cosine  # noqa: E402
 
-from facerace.backbones import dlib_model_file  # noqa: E402
-from facerace.dlib_format import MEAN_RGB, MODEL_FILE  # noqa: E402
-from facerace.dlib_torch import add_zero_padded, chips_to_tensor, export_onnx, load_dlib_resnet  # noqa: E402
+from facerace.backbones.dlib_format import MEAN_RGB, MODEL_FILE  # noqa: E402
+from facerace.backbones.dlib_torch import add_zero_padded, chips_to_tensor, load_dlib_resnet, save_onnx  # noqa: E402
+from facerace.files import dlib_model_file  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -55,7 +56,7 @@ def test_onnx_export_matches_torch(chips, model, tmp_path) -> None:
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "dlib_resnet.onnx"
-    export_onnx(model, path)
+    save_onnx(model, path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -8,17 +8,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from facerace.augment import augment, view  # noqa: E402
-from facerace.cli import main  # noqa: E402
-from facerace.dlib_format import network, read_dlib_resnet  # noqa: E402
-from facerace.dlib_onnx import build_onnx  # noqa: E402
-from facerace.dlib_torch import chips_to_tensor, load_dlib_resnet  # noqa: E402
-from facerace.errors import InvalidParameterError  # noqa: E402
-from facerace.finetune import _to_race_head  # noqa: E402
-from facerace.predictor import Predictor  # noqa: E402
-from facerace.train import resume, train  # noqa: E402
-
 from conftest import FIXTURES  # noqa: E402
+
+from facerace.apps.cli import main  # noqa: E402
+from facerace.backbones.dlib_format import network, read_dlib_resnet  # noqa: E402
+from facerace.backbones.dlib_onnx import build_onnx  # noqa: E402
+from facerace.backbones.dlib_torch import chips_to_tensor, load_dlib_resnet  # noqa: E402
+from facerace.errors import InvalidParameterError  # noqa: E402
+from facerace.head import HeadParams, RaceHead  # noqa: E402
+from facerace.predictor import Predictor  # noqa: E402
+from facerace.training.augment import augment, view  # noqa: E402
+from facerace.training.config import TrainConfig  # noqa: E402
+from facerace.training.train import resume, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +85,19 @@ def test_tuned_layers_must_fit_dlibs_network():
     assert net["fc"].shape == (128, 256)
 
 
-def test_torch_head_converts_to_the_same_numpy_head():
-    head = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(5, 3))
-    head.eval()
+def test_head_layout_round_trips_between_numpy_and_torch():
+    torch.manual_seed(0)
     mean, scale = torch.randn(8), torch.rand(8) + 0.5
-    race_head = _to_race_head(head, mean, scale, ("a", "b", "c"), 5, 0.5)
-    race_head.temperature_ = 1.0
     x = torch.randn(10, 8)
-    with torch.no_grad():
-        expected = torch.softmax(head((x - mean) / scale), 1).numpy()
-    assert np.allclose(race_head.predict_proba(x.numpy()), expected, atol=1e-5)
-    linear = torch.nn.Sequential(torch.nn.Linear(8, 3)).eval()
-    race_head = _to_race_head(linear, mean, scale, ("a", "b", "c"), 0, 0.5)
-    race_head.temperature_ = 1.0
-    with torch.no_grad():
-        assert np.allclose(race_head.predict_proba(x.numpy()), torch.softmax(linear((x - mean) / scale), 1), atol=1e-5)
+    for params in (HeadParams(hidden=5, dropout=0.5), HeadParams(hidden=0)):
+        layers = RaceHead.torch_layers(8, 3, params).eval()
+        race_head = RaceHead.from_torch(layers, mean.numpy(), scale.numpy(), ("a", "b", "c"), params)
+        race_head.temperature_ = 1.7
+        with torch.no_grad():
+            expected = torch.softmax(layers((x - mean) / scale) / 1.7, 1).numpy()
+            assert np.allclose(race_head.predict_proba(x.numpy()), expected, atol=1e-5)
+            # and back: the numpy head as one PyTorch module (what export writes)
+            assert np.allclose(race_head.to_torch()(x).numpy(), expected, atol=1e-5)
 
 
 def test_train_unfreeze_end_to_end_then_resume_matches_an_uninterrupted_run(tiny_fairface, tmp_path, chips):
@@ -120,7 +119,7 @@ def test_train_unfreeze_end_to_end_then_resume_matches_an_uninterrupted_run(tiny
     predictor = Predictor(full)
     result = predictor.predict_image(FIXTURES / "354.jpg")
     assert result.faces[0].probabilities is not None
-    assert predictor.backbone_.space.startswith("dlib-resnet-v1-ft-")
+    assert predictor.get_backbone().space.startswith("dlib-resnet-v1-ft-")
     # and exports to one ONNX file that computes the same probabilities
     exported = tmp_path / "tuned.onnx"
     assert main(["export", "--model", str(full), "--output", str(exported)]) == 0
@@ -141,10 +140,11 @@ def test_train_unfreeze_end_to_end_then_resume_matches_an_uninterrupted_run(tiny
 
     # an interrupted run (2 epochs done) resumed to 4 epochs retraces the uninterrupted one, from stored views
     part = tmp_path / "part"
-    train([f"fairface:{tiny_fairface}"], out=part, backbone="dlib-torch", unfreeze=2, views=3, val_fraction=0.34,
-          patience=10, max_epochs=2, cache_dir=cache, workers=1, quiet=True)
+    config = TrainConfig(data=(f"fairface:{tiny_fairface}",), backbone="dlib-torch", unfreeze=2, views=3,
+                         val_fraction=0.34, head=HeadParams(patience=10, max_epochs=2))
+    train(config, out=part, cache_dir=cache, workers=1, quiet=True)
     settings = json.loads((part / "config.json").read_text())
-    (part / "config.json").write_text(json.dumps({**settings, "max_epochs": 4}))
+    (part / "config.json").write_text(json.dumps({**settings, "head": {**settings["head"], "max_epochs": 4}}))
     resume(part, cache_dir=cache, workers=1, quiet=True)
     resumed = json.loads((part / "metrics.json").read_text())
     assert resumed["data"][f"fairface:{tiny_fairface}"]["computed_now"] == 0

@@ -2,14 +2,13 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import fixture_labels, needs_dataset
 from PIL import Image
 
 import facerace
 from facerace.detect import Detection
 from facerace.errors import ImageError, InvalidParameterError
 from facerace.labels import get_scheme
-
-from conftest import fixture_labels, needs_dataset
 
 
 @pytest.fixture(scope="module")

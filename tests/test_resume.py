@@ -8,9 +8,8 @@ import sys
 import time
 
 import pytest
-from PIL import Image, ImageEnhance
-
 from conftest import FIXTURES, fixture_labels
+from PIL import Image, ImageEnhance
 
 
 @pytest.fixture(scope="module")

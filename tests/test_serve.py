@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from facerace.apps.serve.app import create_app
 from facerace.results import ROW_KEYS
-from facerace.serve.app import create_app
 
 
 @pytest.fixture(scope="module")

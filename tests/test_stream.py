@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facerace.cli import main
-from facerace.stream import Tracker, iou, stream
+from facerace.apps.cli import main
+from facerace.apps.stream import Tracker, iou, stream
 from facerace.detect import Detection
 
 FRAMES = 24

@@ -4,15 +4,19 @@ import json
 
 import numpy as np
 import pytest
-
-from facerace.cli import main
-from facerace.errors import FaceraceError
-from facerace.head import RaceHead, fit_temperature, softmax
-from facerace.metrics import choose_threshold, classification_metrics, expected_calibration_error, group_metrics
-from facerace.predictor import Predictor
-from facerace.train import stratified_split
-
 from conftest import FIXTURES
+
+from facerace.apps.cli import main
+from facerace.errors import FaceraceError
+from facerace.head import HeadParams, RaceHead, fit_temperature, softmax
+from facerace.predictor import Predictor
+from facerace.training.metrics import (
+    choose_threshold,
+    classification_metrics,
+    expected_calibration_error,
+    group_metrics,
+)
+from facerace.training.train import stratified_split
 
 
 def test_train_then_predict_then_evaluate(tiny_fairface, tmp_path):
@@ -76,10 +80,10 @@ def test_head_learns_separable_data_and_stops_early():
     centres = rng.normal(size=(3, 16)) * 3
     y = rng.integers(0, 3, 600)
     x = centres[y] + rng.normal(size=(600, 16))
-    head = RaceHead(("a", "b", "c"), hidden=32, dropout=0.2, learning_rate=1e-3, patience=3, max_epochs=30).fit(x[:500], y[:500], x[500:], y[500:])
+    head = RaceHead(("a", "b", "c"), HeadParams(hidden=32, dropout=0.2, learning_rate=1e-3, patience=3, max_epochs=30)).fit(x[:500], y[:500], x[500:], y[500:])
     assert (head.predict(x[500:]) == y[500:]).mean() > 0.95
     noise = rng.integers(0, 3, 600)  # labels unrelated to x: validation loss only gets worse
-    head = RaceHead(("a", "b", "c"), hidden=64, dropout=0.0, learning_rate=1e-3, patience=3, max_epochs=100).fit(x[:500], noise[:500], x[500:], noise[500:])
+    head = RaceHead(("a", "b", "c"), HeadParams(hidden=64, dropout=0.0, learning_rate=1e-3, patience=3, max_epochs=100)).fit(x[:500], noise[:500], x[500:], noise[500:])
     h = head.history_
     assert len(h.train_loss) == h.best_epoch + 1 + 3 < 100
     assert h.best_epoch == int(np.argmin(h.val_loss))

@@ -10,16 +10,15 @@ import pytest
 torch = pytest.importorskip("torch")
 h5py = pytest.importorskip("h5py")
 
-from facerace.errors import InvalidParameterError, ModelNotFoundError  # noqa: E402
-from facerace.vggface import (  # noqa: E402
+from facerace.backbones.vggface import (  # noqa: E402
     VGGFace,
     VGGFaceBackbone,
-    WeightsFileError,
     chips_to_tensor,
     infer_shape,
     load_keras_h5,
     load_tuned,
 )
+from facerace.errors import InvalidParameterError, ModelNotFoundError, WeightsFileError  # noqa: E402
 
 SMALL = {"classes": 5, "widths": (4, 4, 8, 8, 8), "fc": 16}
 BLOCK_SIZES = (2, 2, 3, 3, 3)

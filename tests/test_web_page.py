@@ -31,7 +31,7 @@ def browser_or_skip():
 def server():
     import uvicorn
 
-    from facerace.serve.app import create_app
+    from facerace.apps.serve.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from facerace.version import __version__
 
-__all__ = ["analyze", "Predictor", "load_image", "FaceResult", "ImageResult", "list_models", "__version__"]
+__all__ = ["analyze", "Predictor", "embed", "train", "evaluate", "export_onnx", "TrainConfig", "HeadParams",
+           "load_image", "FaceResult", "ImageResult", "list_models", "__version__"]
 
 _LAZY = {
     "analyze": ".predictor",
     "Predictor": ".predictor",
+    "embed": ".predictor",
+    "train": ".training.train",
+    "evaluate": ".training.evaluate",
+    "export_onnx": ".export",
+    "TrainConfig": ".training.config",
+    "HeadParams": ".head",
     "load_image": ".images",
     "FaceResult": ".results",
     "ImageResult": ".results",
@@ -22,10 +29,15 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .images import load_image
-    from .model import list_models
-    from .predictor import Predictor, analyze
-    from .results import FaceResult, ImageResult
+    from facerace.export import export_onnx
+    from facerace.head import HeadParams
+    from facerace.images import load_image
+    from facerace.model import list_models
+    from facerace.predictor import Predictor, analyze, embed
+    from facerace.results import FaceResult, ImageResult
+    from facerace.training.config import TrainConfig
+    from facerace.training.evaluate import evaluate
+    from facerace.training.train import train
 
 
 def __getattr__(name: str) -> Any:

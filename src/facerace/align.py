@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-#: dlib's standard chip for its ResNet descriptor.
-CHIP_SIZE = 150
-CHIP_PADDING = 0.25
-
-
 class Aligner:
     """Finds 5 landmarks in each face box (dlib's 5-point model) and cuts aligned chips."""
 
-    def __init__(self, size: int = CHIP_SIZE, padding: float = CHIP_PADDING) -> None:
+    def __init__(self, size: int, padding: float) -> None:
         self.size = size
         self.padding = padding
         self._predictor = None
@@ -23,7 +18,7 @@ class Aligner:
     def _shapes(self, rgb: np.ndarray, boxes: list[tuple[int, int, int, int]]):
         import dlib
 
-        from .backbones import dlib_model_file
+        from facerace.files import dlib_model_file
 
         if self._predictor is None:
             self._predictor = dlib.shape_predictor(str(dlib_model_file("shape_predictor_5_face_landmarks.dat")))

@@ -12,10 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import MissingDependencyError, check_choice
-
-DETECTORS = ("yunet", "hog", "haar", "none")
-
+from facerace.errors import MissingDependencyError, check_choice
 
 @dataclass(frozen=True)
 class Detection:
@@ -157,7 +154,10 @@ def known_face_region(shape: tuple[int, ...], padding: float) -> Detection:
     return Detection(_clip((width - fw) / 2, (height - fh) / 2, fw, fh, width, height), 1.0)
 
 
+#: The detectors by name: the one list the CLI, configs and `create_detector` read.
+DETECTORS: dict[str, type] = {d.name: d for d in (YuNetDetector, HogDetector, HaarDetector, WholeImageDetector)}
+
+
 def create_detector(name: str = "yunet", **options) -> Detector:
-    """Build the detector called `name` (yunet, hog, haar, none) with its options."""
-    cls = {"yunet": YuNetDetector, "hog": HogDetector, "haar": HaarDetector, "none": WholeImageDetector}
-    return cls[check_choice("detector", name, DETECTORS)](**options)
+    """Build the detector called `name` (one of DETECTORS) with its options."""
+    return DETECTORS[check_choice("detector", name, tuple(DETECTORS))](**options)

@@ -32,6 +32,14 @@ class DatasetError(FaceraceError):
     """A dataset folder or file does not have the expected layout."""
 
 
+class WeightsFileError(FaceraceError, ValueError):
+    """A weights file is not what the network needs (not HDF5, missing layers, wrong shapes)."""
+
+
+class TrainingInterrupted(FaceraceError, KeyboardInterrupt):
+    """Ctrl-C during fine-tuning; the message says how to resume."""
+
+
 class MissingDependencyError(FaceraceError, ImportError):
     """An optional package needed for this operation is not installed."""
 

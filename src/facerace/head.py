@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .errors import InvalidParameterError
+from facerace.errors import InvalidParameterError
 
 
 @dataclass
@@ -33,40 +33,44 @@ def cross_entropy(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 
 
+@dataclass(frozen=True)
+class HeadParams:
+    """The head's hyper-parameters. `max_epochs` and `patience` left None take `resolved`'s defaults,
+    which differ when the network's last layers are fine-tuned with the head (each epoch costs more)."""
+
+    hidden: int = 512
+    learning_rate: float = 3e-4
+    weight_decay: float = 3e-3
+    dropout: float = 0.6
+    batch_size: int = 128
+    max_epochs: int | None = None
+    patience: int | None = None
+
+    def resolved(self, fine_tuning: bool = False) -> HeadParams:
+        """These settings with `max_epochs` and `patience` filled in: 200 / 15, or 40 / 5 when fine-tuning."""
+        epochs, patience = (40, 5) if fine_tuning else (200, 15)
+        return replace(self, max_epochs=self.max_epochs or epochs, patience=self.patience or patience)
+
+
 class RaceHead:
     """Standardise -> [dense + ReLU] -> dense -> softmax / temperature.
 
-    `hidden=0` gives multinomial logistic regression. `fit` uses Adam on mini-batches,
+    `params.hidden=0` gives multinomial logistic regression. `fit` uses Adam on mini-batches,
     keeps the weights with the lowest validation loss and stops after `patience` epochs
     without improvement; then fits a temperature on the validation set (calibration).
+    The layer layout lives here once: `torch_layers`, `to_torch` and `from_torch` give the same
+    layers in PyTorch (fine-tuning trains them, export writes them).
     """
 
-    def __init__(
-        self,
-        classes: tuple[str, ...] = (),
-        *,
-        hidden: int = 512,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 3e-3,
-        dropout: float = 0.6,
-        batch_size: int = 128,
-        max_epochs: int = 200,
-        patience: int = 15,
-        random_state: int = 0,
-    ) -> None:
+    def __init__(self, classes: tuple[str, ...] = (), params: HeadParams | None = None, *,
+                 random_state: int = 0) -> None:
         self.classes = tuple(classes)
-        self.hidden = hidden
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.dropout = dropout
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
+        self.params = (params or HeadParams()).resolved()
         self.random_state = random_state
 
     # ---- model ---------------------------------------------------------------
     def _init(self, dim: int, n_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        sizes = [dim, self.hidden, n_classes] if self.hidden else [dim, n_classes]
+        sizes = [dim, self.params.hidden, n_classes] if self.params.hidden else [dim, n_classes]
         params: dict[str, np.ndarray] = {}
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             params[f"w{i}"] = (rng.standard_normal((a, b)) * np.sqrt(2.0 / a)).astype(np.float32)
@@ -80,8 +84,8 @@ class RaceHead:
             z = acts[-1] @ params[f"w{i}"] + params[f"b{i}"]
             if i < n_layers - 1:
                 z = np.maximum(z, 0)
-                if rng is not None and self.dropout > 0:
-                    z = z * (rng.random(z.shape) >= self.dropout) / (1 - self.dropout)
+                if rng is not None and self.params.dropout > 0:
+                    z = z * (rng.random(z.shape) >= self.params.dropout) / (1 - self.params.dropout)
             acts.append(z)
         return acts
 
@@ -112,11 +116,11 @@ class RaceHead:
         self.history_ = History()
         self.temperature_ = 1.0
         best_params = {k: p.copy() for k, p in params.items()}
-        for epoch in range(self.max_epochs):
+        for epoch in range(self.params.max_epochs):
             order = rng.permutation(len(xs))
             total = 0.0
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for start in range(0, len(order), self.params.batch_size):
+                idx = order[start : start + self.params.batch_size]
                 acts = self._logits(xs[idx], params, rng)
                 p = softmax(acts[-1])
                 total += cross_entropy(p, y[idx]) * len(idx)
@@ -125,7 +129,7 @@ class RaceHead:
                 grad /= len(idx)
                 step += 1
                 for i in reversed(range(len(params) // 2)):
-                    gw = acts[i].T @ grad + self.weight_decay * params[f"w{i}"]
+                    gw = acts[i].T @ grad + self.params.weight_decay * params[f"w{i}"]
                     gb = grad.sum(axis=0)
                     if i > 0:
                         grad = (grad @ params[f"w{i}"].T) * (acts[i] > 0)
@@ -134,7 +138,7 @@ class RaceHead:
                         v[key] = 0.999 * v[key] + 0.001 * g * g
                         mhat = m[key] / (1 - 0.9**step)
                         vhat = v[key] / (1 - 0.999**step)
-                        params[key] -= (self.learning_rate * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
+                        params[key] -= (self.params.learning_rate * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
             pv = softmax(self._logits(xv, params)[-1])
             val_loss = cross_entropy(pv, y_val)
             self.history_.train_loss.append(total / len(xs))
@@ -147,20 +151,20 @@ class RaceHead:
                 wait += 1
             if on_epoch:
                 on_epoch(epoch, self.history_)
-            if wait >= self.patience:
+            if wait >= self.params.patience:
                 break
-        self.params_ = best_params
-        self.temperature_ = fit_temperature(self._logits(xv, self.params_)[-1], y_val)
+        self.weights_ = best_params
+        self.temperature_ = fit_temperature(self._logits(xv, self.weights_)[-1], y_val)
         return self
 
     # ---- inference -----------------------------------------------------------
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities, shape (n, len(classes)), columns in `classes` order."""
-        if not hasattr(self, "params_"):
+        if not hasattr(self, "weights_"):
             raise InvalidParameterError("this RaceHead is not trained; call fit() or RaceHead.load()")
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float64)
-        logits = self._logits(self._standardise(x), self.params_)[-1].astype(np.float64)
+        logits = self._logits(self._standardise(x), self.weights_)[-1].astype(np.float64)
         return softmax(logits / self.temperature_)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -172,7 +176,7 @@ class RaceHead:
         """Write weights, standardisation and temperature to a .safetensors file."""
         from safetensors.numpy import save_file
 
-        tensors = {**self.params_, "mean": self.mean_, "scale": self.scale_,
+        tensors = {**self.weights_, "mean": self.mean_, "scale": self.scale_,
                    "temperature": np.array([self.temperature_], np.float32)}
         save_file({k: np.ascontiguousarray(t) for k, t in tensors.items()}, str(path))
 
@@ -185,11 +189,62 @@ class RaceHead:
         head = cls(tuple(classes))
         head.mean_, head.scale_ = tensors.pop("mean"), tensors.pop("scale")
         head.temperature_ = float(tensors.pop("temperature")[0])
-        head.params_ = tensors
+        head.weights_ = tensors
         head.hidden = tensors["w0"].shape[1] if "w1" in tensors else 0
         if tensors[f"w{len(tensors) // 2 - 1}"].shape[1] != len(head.classes):
             raise InvalidParameterError(f"{path}: weights have a different number of classes than {classes}")
         return head
+
+    # ---- the same layers in PyTorch --------------------------------------------
+    @staticmethod
+    def torch_layers(dim: int, n_classes: int, params: HeadParams):
+        """Untrained PyTorch layers of this layout (no standardisation, logits out): what fine-tuning trains."""
+        from torch import nn
+
+        if not params.hidden:
+            return nn.Sequential(nn.Linear(dim, n_classes))
+        return nn.Sequential(nn.Linear(dim, params.hidden), nn.ReLU(), nn.Dropout(params.dropout),
+                             nn.Linear(params.hidden, n_classes))
+
+    @classmethod
+    def from_torch(cls, layers, mean: np.ndarray, scale: np.ndarray, classes: tuple[str, ...],
+                   params: HeadParams) -> RaceHead:
+        """A numpy head holding the weights of `torch_layers` output and the standardisation (mean, scale)."""
+        from torch import nn
+
+        head = cls(classes, params)
+        head.mean_, head.scale_ = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
+        dense = [m for m in layers if isinstance(m, nn.Linear)]
+        head.weights_ = {f"{kind}{i}": (t.detach().numpy().T if kind == "w" else t.detach().numpy()).copy()
+                        for i, m in enumerate(dense) for kind, t in (("w", m.weight), ("b", m.bias))}
+        return head
+
+    def to_torch(self):
+        """This trained head as a PyTorch module: standardise, dense layers with ReLU, softmax(logits / temperature)."""
+        import torch
+        from torch import nn
+
+        n = len(self.weights_) // 2
+        layers = self.torch_layers(self.weights_["w0"].shape[0], len(self.classes), self.params)
+        dense = [m for m in layers if isinstance(m, nn.Linear)]
+        assert len(dense) == n, "the stored weights do not have this layout"
+        with torch.no_grad():
+            for i, m in enumerate(dense):
+                m.weight.copy_(torch.from_numpy(np.ascontiguousarray(self.weights_[f"w{i}"].T)))
+                m.bias.copy_(torch.from_numpy(self.weights_[f"b{i}"]))
+        mean, scale, temperature = self.mean_, self.scale_, self.temperature_
+
+        class Head(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.register_buffer("mean", torch.from_numpy(mean))
+                self.register_buffer("scale", torch.from_numpy(scale))
+                self.layers = layers
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(self.layers((x - self.mean) / self.scale) / temperature, dim=1)
+
+        return Head().eval()
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

@@ -10,7 +10,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from facerace.errors import ImageError
 
 ImageInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidParameterError, check_choice
+from facerace.errors import InvalidParameterError, check_choice
 
 
 @dataclass(frozen=True)

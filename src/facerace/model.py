@@ -6,20 +6,19 @@ models, `MODEL_CARD.md`. Shipped models live in the package under `weights/<name
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .errors import ModelIntegrityError, ModelNotFoundError
-from .head import RaceHead
-
-if TYPE_CHECKING:
-    from .backbones import Backbone
+from facerace.backbones import InputSpec
+from facerace.errors import ModelIntegrityError, ModelNotFoundError
+from facerace.faces import MIN_FACE, FacePipeline
+from facerace.files import sha256_file
+from facerace.head import RaceHead
 
 SHIPPED = ("default",)
 CONFIG_FILE = "config.json"
@@ -82,22 +81,13 @@ def resolve(model: str | Path) -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_config(model: str | Path) -> ModelConfig:
     """Read a model's config.json."""
     path = resolve(model)
     return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
 
 
-def _checked(path: Path, expected: str) -> Path:
+def _verified(path: Path, expected: str) -> Path:
     """`path`, after checking it exists and has SHA-256 `expected`."""
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; rebuild the model with `facerace train`")
@@ -114,22 +104,26 @@ def load_model(model: str | Path) -> tuple[ModelConfig, RaceHead]:
     """Read config and head, refusing weights whose SHA-256 differs from the config's."""
     path = resolve(model)
     config = load_config(path)
-    return config, RaceHead.load(_checked(path / config.weights, config.sha256), config.classes)
+    return config, RaceHead.load(_verified(path / config.weights, config.sha256), config.classes)
 
 
 def tuned_file(model: str | Path, config: ModelConfig) -> Path | None:
     """The model's fine-tuned backbone layers file (SHA-256 checked), or None for a frozen backbone."""
-    return _checked(resolve(model) / config.tuned, config.tuned_sha256) if config.tuned else None
+    return _verified(resolve(model) / config.tuned, config.tuned_sha256) if config.tuned else None
 
 
-def load_backbone(model: str | Path, config: ModelConfig, name: str | None = None,
-                  weights: str | Path | None = None) -> Backbone:
-    """The model's backbone (its fine-tuned layers swapped in), or backbone `name` (weights file `weights`) instead."""
-    from .backbones import create_backbone
-
-    if name is not None:
-        return create_backbone(name, weights)
-    return create_backbone(config.backbone, config.backbone_weights or None, tuned_file(model, config))
+def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | None = None, min_face: int = MIN_FACE,
+                   upsample: int = 1, backbone: str | None = None, backbone_weights: str | Path | None = None
+                   ) -> FacePipeline:
+    """The face pipeline of `model` (its detector, chips, network with fine-tuned layers, flip averaging), with
+    another `detector`, or another `backbone` (weights file `backbone_weights`, its own chips) instead."""
+    if backbone is not None:
+        return FacePipeline(detector or config.detector, backbone, str(backbone_weights) if backbone_weights else None,
+                            flip_average=config.flip_average, min_face=min_face, upsample=upsample)
+    tuned = tuned_file(model, config)
+    return FacePipeline(detector or config.detector, config.backbone, config.backbone_weights or None,
+                        str(tuned) if tuned else None, config.flip_average, min_face, upsample,
+                        InputSpec(config.chip_size, config.chip_padding))
 
 
 def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None

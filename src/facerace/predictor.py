@@ -9,23 +9,22 @@ from __future__ import annotations
 import copy
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .align import Aligner
-from .backbones import Backbone, create_backbone, embed_chips
-from .detect import Detection, Detector, create_detector
-from .errors import FaceraceError, ImageError, InvalidParameterError
-from .images import MAX_PIXELS, ImageInput, describe, load_image
-from .labels import convert_probabilities, get_scheme
-from .model import ModelConfig, load_backbone, load_config, load_model
-from .results import FaceResult, ImageResult
-
-#: Faces whose box is smaller than this (pixels, shorter side) are reported as too_small.
-MIN_FACE = 32
+from facerace.backbones import Backbone, create_backbone
+from facerace.detect import Detection
+from facerace.errors import FaceraceError, ImageError, InvalidParameterError
+from facerace.faces import MIN_FACE, FacePipeline
+from facerace.images import MAX_PIXELS, ImageInput, describe, load_image
+from facerace.labels import convert_probabilities, get_scheme
+from facerace.model import ModelConfig, load_config, load_model, model_pipeline
+from facerace.parallel import ordered_map
+from facerace.results import FaceResult, ImageResult
 
 
 class Predictor:
@@ -76,8 +75,8 @@ class Predictor:
         clone.__dict__.update(options)
         clone._check_options(self.config)  # the model's config is read once, not per copy
         if self._loaded is not None:
-            detector = clone._make_detector() if {"detector", "upsample"} & set(options) else self._loaded[0]
-            clone._loaded = (detector, *self._loaded[1:])
+            pipeline, head = self._loaded
+            clone._loaded = (clone._make_pipeline(self.config).with_parts(pipeline), head)
         return clone
 
     def validate(self) -> Predictor:
@@ -100,62 +99,60 @@ class Predictor:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InvalidParameterError(f"threshold must be within [0, 1], got {self.threshold}")
         self._config = config
-        self._make_detector()  # validates the detector name early
+        FacePipeline(self.detector or config.detector, upsample=self.upsample).make_detector()  # validates the name
         if self.backbone is not None:
             create_backbone(self.backbone, self.backbone_weights)  # validates the name and file
 
     @property
-    def classes_(self) -> tuple[str, ...]:
+    def classes(self) -> tuple[str, ...]:
         """Class names of the output probabilities, in order."""
         return get_scheme(self.scheme or self.config.scheme).classes
 
     @property
-    def threshold_(self) -> float:
-        """Confidence below which a face is marked uncertain."""
+    def effective_threshold(self) -> float:
+        """Confidence below which a face is marked uncertain (this predictor's, else the model's)."""
         return self.config.threshold if self.threshold is None else self.threshold
 
+    def get_backbone(self) -> Backbone:
+        """The face network in use (loaded on first call)."""
+        return self.pipeline.get_backbone()
+
+    def _make_pipeline(self, config: ModelConfig) -> FacePipeline:
+        return model_pipeline(self.model, config, detector=self.detector, min_face=self.min_face,
+                              upsample=self.upsample, backbone=self.backbone, backbone_weights=self.backbone_weights)
+
     @property
-    def backbone_(self) -> Backbone:
-        """The face network in use (loaded on first access)."""
-        return self._parts()[2]
+    def pipeline(self) -> FacePipeline:
+        """The face pipeline (detect -> large faces -> align -> embed); its parts load on first use."""
+        return self._parts()[0]
 
-    def _make_detector(self) -> Detector:
-        name = self.detector or self.config.detector
-        return create_detector(name, upsample=self.upsample) if name == "hog" else create_detector(name)
-
-    def _parts(self) -> tuple[Detector, Aligner, Backbone, object]:
+    def _parts(self) -> tuple[FacePipeline, object]:
         if self._loaded is None:
             config, head = load_model(self.model)
             self._config = config
-            backbone = load_backbone(self.model, config, self.backbone, self.backbone_weights)
-            # another backbone than the model's brings its own chip size (e.g. 224 px for vggface), and the
-            # head only classifies its embeddings if it computes the model's (checked once, here)
-            spec = backbone.input_spec if self.backbone else None
-            same_space = self.backbone is None or backbone.space == load_backbone(self.model, config).space
-            self._loaded = (
-                self._make_detector(),
-                Aligner(spec.chip_size, spec.padding) if spec else Aligner(config.chip_size, config.chip_padding),
-                backbone,
-                head if same_space else None,
-            )
+            pipeline = self._make_pipeline(config)
+            # the head only classifies embeddings of the model's own network (checked once, here)
+            same_space = self.backbone is None or \
+                pipeline.get_backbone().space == model_pipeline(self.model, config).get_backbone().space
+            self._loaded = (pipeline, head if same_space else None)
         return self._loaded
 
     # ---- stages ----------------------------------------------------------------
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Faces in an RGB image, largest first."""
-        return self._parts()[0].detect(rgb)
+        return self.pipeline.detect(rgb)
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """Embeddings (n, dim) of aligned chips (n, s, s, 3) uint8."""
-        return embed_chips(self._parts()[2], chips, flip_average=self.config.flip_average)
+        return self.pipeline.embed(chips)
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
-        """Probabilities (n, len(classes_)) for embeddings, in the chosen scheme."""
-        _, _, backbone, head = self._parts()
+        """Probabilities (n, len(classes)) for embeddings, in the chosen scheme."""
+        _, head = self._parts()
         if head is None:
             raise InvalidParameterError(
                 f"the model's head was trained on {self.config.backbone} embeddings, which backbone "
-                f"{backbone.name} does not compute; drop --backbone to predict, or use it with `facerace embed`")
+                f"{self.backbone} does not compute; drop --backbone to predict, or use it with `facerace embed`")
         probs = head.predict_proba(embeddings)
         if self.scheme and self.scheme != self.config.scheme:
             probs = convert_probabilities(probs, self.config.scheme, self.scheme)
@@ -174,19 +171,18 @@ class Predictor:
         except ImageError as exc:
             return ImageResult(path=name, error=exc.reason)
         t1 = time.perf_counter()
-        found = list(faces) if faces is not None else self.detect(rgb)
+        detections = self.detect(rgb) if faces is None else faces
         t2 = time.perf_counter()
-        large = self.large_faces(found)
-        landmarks, chips = self._parts()[1].align(rgb, [d.box for d in large])
+        found = self.pipeline.faces(rgb, detections)
         t3 = time.perf_counter()
-        probs = self.predict_proba(self.embed(chips)) if len(chips) else np.zeros((0, 0))
+        probs = self.predict_proba(self.embed(found.chips)) if len(found.chips) else np.zeros((0, 0))
         t4 = time.perf_counter()
-        classes, threshold = self.classes_, self.threshold_
+        classes, threshold = self.classes, self.effective_threshold
         results, k = [], 0
-        for d in found:
-            if k < len(large) and d is large[k]:
+        for d in found.found:
+            if k < len(found.large) and d is found.large[k]:
                 results.append(FaceResult.from_probabilities(d.box, probs[k], classes, threshold,
-                                                             landmarks=landmarks[k], detection_score=d.score))
+                                                             landmarks=found.landmarks[k], detection_score=d.score))
                 k += 1
             else:
                 results.append(FaceResult(box=d.box, detection_score=d.score, status="too_small"))
@@ -194,18 +190,13 @@ class Predictor:
         return ImageResult(path=name, faces=tuple(results), shape=rgb.shape[:2],
                            timings_ms={s: round(v * 1000, 2) for s, v in timings.items()})
 
-    def large_faces(self, found: Sequence[Detection]) -> list[Detection]:
-        """The faces whose box is at least `min_face` pixels on its shorter side, in order."""
-        return [d for d in found if min(d.box[2], d.box[3]) >= self.min_face]
-
     def embed_image(self, image: ImageInput) -> tuple[list[Detection], np.ndarray]:
         """The faces (at least `min_face` px) of one image and their embeddings (n, dim).
 
         Raises ImageError if the input is not a readable image.
         """
-        rgb = load_image(image, max_pixels=self.max_pixels)
-        found = self.large_faces(self.detect(rgb))
-        return found, self.embed(self._parts()[1].align(rgb, [d.box for d in found])[1])
+        found = self.pipeline.faces(load_image(image, max_pixels=self.max_pixels))
+        return list(found.large), self.embed(found.chips)
 
     def predict(self, images: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
         """Analyse one image or an iterable of images; one ImageResult per image, in order."""
@@ -216,38 +207,64 @@ class Predictor:
 
     def predict_paths(self, paths: Sequence[str | Path], *, workers: int | None = None) -> Iterator[ImageResult]:
         """Yield results for files in order, using `workers` processes (default: all cores)."""
-        workers = min(workers or os.cpu_count() or 1, max(1, len(paths)))
         self.validate()  # before starting workers
-        if workers <= 1 or len(paths) < 4:
-            for p in paths:
-                yield self.predict_image(p)
-            return
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers, _init_worker, (self,)) as pool:
-            yield from pool.imap(_predict_in_worker, [str(p) for p in paths], chunksize=2)
+        yield from ordered_map(_PathPredictor(self), [str(p) for p in paths], workers=workers)
 
 
-_WORKER: Predictor | None = None
+class _PathPredictor:
+    """Picklable: path -> ImageResult, a model problem reported as that file's error (the run goes on)."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    def __call__(self, path: str) -> ImageResult:
+        try:
+            return self.predictor.predict_image(path)
+        except FaceraceError as exc:
+            return ImageResult(path=path, error=str(exc))
 
 
-def _init_worker(predictor: Predictor) -> None:
-    global _WORKER
-    import signal
+@dataclass(frozen=True)
+class Embeddings:
+    """One embedding per face (at least `min_face` px): its image's path, its box [x, y, w, h], its vector;
+    and the images that could not be read (`errors`, "path: reason")."""
 
-    import cv2
+    paths: tuple[str, ...]
+    boxes: np.ndarray
+    vectors: np.ndarray
+    backbone: str
+    errors: tuple[str, ...] = ()
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    cv2.setNumThreads(1)
-    _WORKER = predictor
+    def save(self, path: str | Path) -> Path:
+        """Write an .npz with arrays paths, boxes, embeddings, backbone and errors; return its path."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, paths=np.array(self.paths, dtype=str), boxes=self.boxes, embeddings=self.vectors,
+                 backbone=np.array(self.backbone), errors=np.array(self.errors, dtype=str))
+        return out
 
 
-def _predict_in_worker(path: str) -> ImageResult:
-    assert _WORKER is not None
-    try:
-        return _WORKER.predict_image(path)
-    except FaceraceError as exc:  # e.g. a model problem: report per file, keep going
-        return ImageResult(path=path, error=str(exc))
+def embed(images: Iterable[ImageInput], predictor: Predictor | None = None, *, progress: bool = False) -> Embeddings:
+    """The embeddings of every face in `images` with `predictor`'s pipeline (default: the shipped model's);
+    unreadable images are listed in `errors`, never raised."""
+    from tqdm import tqdm
+
+    predictor = (predictor or Predictor()).validate()
+    images = list(images)
+    paths, boxes, vectors, errors = [], [], [], []
+    for image in tqdm(images, desc="embedding", unit="img", disable=not progress or len(images) < 2):
+        try:
+            faces, embeddings = predictor.embed_image(image)
+        except ImageError as exc:
+            errors.append(str(exc))
+            continue
+        paths += [describe(image)] * len(faces)
+        boxes += [d.box for d in faces]
+        vectors.append(embeddings)
+    backbone = predictor.get_backbone()
+    return Embeddings(tuple(paths), np.array(boxes, dtype=np.int32).reshape(-1, 4),
+                      np.concatenate(vectors) if vectors else np.zeros((0, backbone.dim), np.float32),
+                      f"{backbone.name} ({backbone.version})", tuple(errors))
 
 
 _DEFAULT: dict[tuple, Predictor] = {}

@@ -20,7 +20,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DatasetError, check_choice
+from facerace.errors import DatasetError, check_choice
 
 KINDS = ("fairface", "utkface", "folder", "csv")
 UTK_RACES = ("White", "Black", "Asian", "Indian", "Others")
@@ -109,7 +109,7 @@ def _norm(name: str) -> str:
 
 def canonical_label(name: str) -> str | None:
     """The scheme class name a free-form label stands for, or None."""
-    from .labels import SCHEMES
+    from facerace.labels import SCHEMES
 
     names = {_norm(c): c for s in SCHEMES.values() for c in s.classes}
     return names.get(_norm(name)) or _ALIASES.get(_norm(name))
@@ -117,7 +117,7 @@ def canonical_label(name: str) -> str | None:
 
 def infer_scheme(labels: set[str], source: str) -> str:
     """The finest scheme whose classes include every label."""
-    from .labels import SCHEMES
+    from facerace.labels import SCHEMES
 
     for name in ("fairface7", "race6", "utk5", "race4"):
         if labels <= set(SCHEMES[name].classes):
@@ -145,7 +145,7 @@ def _labelled(kind: str, root: Path, split: str, rows: list[tuple[Path, str, str
 
 def read_folder(root: Path, split: str) -> Dataset:
     """One sub-folder per class, optionally below a split folder (`root/<split>/<class>/`)."""
-    from .images import IMAGE_SUFFIXES
+    from facerace.images import IMAGE_SUFFIXES
 
     base = root / split if (root / split).is_dir() else root
     rows = [(f, d.name, None, None, str(f.relative_to(root)))
@@ -182,7 +182,7 @@ def read_fairface(root: Path, split: str) -> Dataset:
             f"Pass --split with one of the splits present, or point to the folder that holds the label CSVs."
         )
     samples, problems = [], []
-    from .labels import SCHEMES
+    from facerace.labels import SCHEMES
 
     races = SCHEMES["fairface7"].classes
     with open(label_file, newline="") as f:
@@ -278,8 +278,8 @@ def check_dataset(spec: str, *, path_column: str = "path", label_column: str = "
 
     from tqdm import tqdm
 
-    from .errors import ImageError
-    from .images import load_image
+    from facerace.errors import ImageError
+    from facerace.images import load_image
 
     report: dict = {"spec": spec, "splits": {}, "problems": []}
     for split in dataset_splits(spec):

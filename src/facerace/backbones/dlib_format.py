@@ -285,6 +285,6 @@ def apply_weights(net: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[s
 
 
 def _default_path() -> Path:
-    from .backbones import dlib_model_file
+    from facerace.files import dlib_model_file
 
     return dlib_model_file(MODEL_FILE)

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .results import FaceResult
+from facerace.results import FaceResult
 
 COLOURS = {"certain": (46, 204, 113), "uncertain": (241, 196, 15), "too_small": (160, 160, 160)}
 
@@ -23,8 +23,8 @@ def annotate(rgb: np.ndarray, faces: Sequence[FaceResult]) -> Image.Image:
         font = ImageFont.load_default()
     for face in faces:
         x, y, w, h = face.box
-        if face.status != "ok":
-            colour, text = COLOURS["too_small"], "too small"
+        if face.status != "ok":  # too_small, or pending in a stream
+            colour, text = COLOURS["too_small"], face.status.replace("_", " ")
         else:
             colour = COLOURS["uncertain" if face.uncertain else "certain"]
             text = f"{face.label} {face.confidence:.0%}" + (" (uncertain)" if face.uncertain else "")

@@ -8,15 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import AGE_GROUPS, open_dataset
-from .embeddings import CropEmbedder, embed_files
-from .errors import DatasetError
-from .labels import MAPPINGS, convert_label, convert_probabilities, get_scheme
-from .metrics import classification_metrics, group_metrics, reliability
-from .model import load_model, tuned_file
-from .modelcard import evaluation_markdown
-from .plots import plot_confusion, plot_reliability
-from .runs import environment, new_run_dir, write_json
+from facerace.errors import DatasetError
+from facerace.labels import MAPPINGS, convert_label, convert_probabilities, get_scheme
+from facerace.model import load_model, model_pipeline
+from facerace.training.datasets import AGE_GROUPS, open_dataset
+from facerace.training.embeddings import CropEmbedder, embed_files
+from facerace.training.metrics import classification_metrics, group_metrics, reliability
+from facerace.training.modelcard import evaluation_markdown
+from facerace.training.plots import plot_confusion, plot_reliability
+from facerace.training.runs import environment, new_run_dir, write_json
 
 
 def common_scheme(model_scheme: str, data_scheme: str) -> str:
@@ -56,9 +56,7 @@ def evaluate(
     if not keep:
         raise DatasetError(f"{data}: no images whose class exists in scheme {scheme!r}")
     run = new_run_dir(out, "evaluate")
-    tuned = tuned_file(model, config)
-    embedder = CropEmbedder(config.detector, config.backbone, config.chip_size, config.chip_padding, ds.face_padding,
-                            config.flip_average, config.backbone_weights or None, str(tuned) if tuned else None)
+    embedder = CropEmbedder(model_pipeline(model, config), ds.face_padding)
     emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=workers,
                       progress=not quiet, desc=f"embedding {ds.kind}")
     samples = [s for s, ok in zip(keep, emb.ok) if ok]

@@ -18,17 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import InputSpec, tuned_space
-from .errors import FaceraceError, InvalidParameterError, MissingDependencyError, ModelNotFoundError
+from facerace.backbones.base import InputSpec, tuned_space
+from facerace.errors import InvalidParameterError, MissingDependencyError, ModelNotFoundError, WeightsFileError
 
 CHIP_SIZE = 224
 BLOCKS = (2, 2, 3, 3, 3)
 LAYER_NAMES = tuple(f"conv{b + 1}_{i + 1}" for b, n in enumerate(BLOCKS) for i in range(n)) + ("fc6", "fc7", "fc8")
 BATCH = 32
-
-
-class WeightsFileError(FaceraceError, ValueError):
-    """A weights file is not what the network needs (not HDF5, missing layers, wrong shapes)."""
 
 
 class VGGFace(nn.Module):
@@ -78,7 +74,7 @@ class VGGFace(nn.Module):
         return self.body[:cut], nn.Sequential(self.body[cut:], nn.Flatten())
 
 
-def _checked(chips: np.ndarray) -> np.ndarray:
+def _checked_chips(chips: np.ndarray) -> np.ndarray:
     chips = np.asarray(chips)
     if chips.ndim != 4 or chips.shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3) or chips.dtype != np.uint8:
         raise ValueError(f"expected (n, {CHIP_SIZE}, {CHIP_SIZE}, 3) uint8 RGB chips, got {chips.shape} {chips.dtype}")
@@ -92,7 +88,7 @@ def normalise(chips: torch.Tensor) -> torch.Tensor:
 
 def chips_to_tensor(chips: np.ndarray) -> torch.Tensor:
     """`normalise` for numpy chips, checking their shape and type."""
-    return normalise(torch.from_numpy(_checked(chips)))
+    return normalise(torch.from_numpy(_checked_chips(chips)))
 
 
 def _attribute(group: Any, name: str) -> list[str]:
@@ -200,6 +196,15 @@ def load_tuned(model: VGGFace, path: str | Path) -> VGGFace:
     return model
 
 
+def load_network(weights: str | Path | None = None, tuned: str | Path | None = None
+                 ) -> tuple[VGGFace, Callable[[torch.Tensor], torch.Tensor]]:
+    """(VGGFace of Keras file `weights` with the layers of fine-tuned file `tuned`, in eval mode; `normalise`)."""
+    if not weights:
+        raise InvalidParameterError("the vggface network needs its weights file: --backbone-weights vgg_face_weights.h5")
+    net = load_keras_h5(weights)
+    return (load_tuned(net, tuned) if tuned else net).eval(), normalise
+
+
 class VGGFaceBackbone:
     """The VGG-Face fc7 descriptor of a user-supplied Keras .h5 file, behind the `Backbone` protocol.
 
@@ -223,7 +228,7 @@ class VGGFaceBackbone:
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
-            from .model import sha256_file
+            from facerace.files import sha256_file
 
             self._sha256 = sha256_file(self.weights)
         return self._sha256
@@ -244,7 +249,7 @@ class VGGFaceBackbone:
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """(n, 224, 224, 3) uint8 RGB chips -> (n, dim) float32 fc7 descriptors."""
-        chips = _checked(chips)
+        chips = _checked_chips(chips)
         if len(chips) == 0:
             return np.zeros((0, self.dim), np.float32)
         if self._model is None:

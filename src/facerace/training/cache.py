@@ -6,18 +6,12 @@ finished before it and never leaves a half-written row.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 
-
-def default_cache_dir() -> Path:
-    """`$FACERACE_CACHE`, else `$XDG_CACHE_HOME/facerace`, else `~/.cache/facerace`."""
-    if os.environ.get("FACERACE_CACHE"):
-        return Path(os.environ["FACERACE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "facerace"
+from facerace.files import default_cache_dir
 
 
 class EmbeddingCache:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .dlib_format import CHIP_SIZE, MEAN_RGB, MODEL_FILE, apply_weights, network, read_dlib_resnet
+from facerace.backbones.dlib_format import CHIP_SIZE, MEAN_RGB, MODEL_FILE, apply_weights, network, read_dlib_resnet
 
 OPSET = 17
 
@@ -97,9 +97,7 @@ def build_onnx(path: str | Path | None = None, weights: dict[str, np.ndarray] | 
 def cached_onnx(weights: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
     """The ONNX file for face-recognition-models' weights (with a fine-tuned `weights` file's layers
     swapped in), built on first use into the cache folder."""
-    from .backbones import dlib_model_file
-    from .cache import default_cache_dir
-    from .model import sha256_file
+    from facerace.files import default_cache_dir, dlib_model_file, sha256_file
 
     source = dlib_model_file(MODEL_FILE)
     key = sha256_file(source)[:16] + (f"-ft-{sha256_file(Path(weights))[:16]}" if weights else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .model import ModelConfig
+from facerace.model import ModelConfig
 
 
 def _pct(v: float | None) -> str:

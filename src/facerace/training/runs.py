@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidParameterError
+from facerace.errors import InvalidParameterError
 
 
 def new_run_dir(out: str | Path | None, verb: str, name: str | None = None) -> Path:
@@ -41,7 +41,7 @@ def write_json(path: Path, data: Any) -> Path:
 
 def environment() -> dict[str, str]:
     """Where and when a run happened: date, machine, Python and facerace versions."""
-    from . import __version__
+    from facerace.version import __version__
 
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

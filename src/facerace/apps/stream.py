@@ -15,10 +15,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .detect import Detection
-from .errors import InvalidParameterError
-from .predictor import Predictor
-from .results import FaceResult
+from facerace.detect import Detection
+from facerace.errors import InvalidParameterError
+from facerace.predictor import Predictor
+from facerace.results import FaceResult
 
 
 def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -123,10 +123,10 @@ def stream(
     """
     import cv2
 
-    from .draw import annotate
+    from facerace.apps.draw import annotate
 
     predictor = predictor or Predictor()
-    classes = predictor.classes_
+    classes = predictor.classes
     capture = open_source(source)
     writer = None
     tracker = Tracker(smooth=smooth)
@@ -139,15 +139,16 @@ def stream(
                 break
             rgb = np.ascontiguousarray(bgr[:, :, ::-1])
             matched = tracker.update(predictor.detect(rgb), frame_index)
-            due = [(t, d) for t, d in matched if frame_index - t.last_classified >= classify_every
-                   and min(d.box[2], d.box[3]) >= predictor.min_face]
+            large = {id(d) for d in predictor.pipeline.large([d for _, d in matched])}
+            due = [(t, d) for t, d in matched if frame_index - t.last_classified >= classify_every and id(d) in large]
             if due:
                 result = predictor.predict_image(rgb, faces=[d for _, d in due])
                 for (track, _), face in zip(due, result.faces):
                     if face.probabilities is not None:
                         track.history.append(np.array([face.probabilities[c] for c in classes]))
                         track.last_classified = frame_index
-            faces = tuple(TrackedFace(t.id, _face(t, d, classes, predictor.threshold_)) for t, d in matched)
+            faces = tuple(TrackedFace(t.id, _face(t, d, id(d) in large, classes, predictor.effective_threshold))
+                          for t, d in matched)
             if output is not None or display:
                 shown = np.asarray(annotate(rgb, [f.face for f in faces]))[:, :, ::-1]
                 if output is not None:
@@ -181,8 +182,11 @@ def stream(
                   file=sys.stderr)
 
 
-def _face(track: Track, detection: Detection, classes: tuple[str, ...], threshold: float) -> FaceResult:
+def _face(track: Track, detection: Detection, large: bool, classes: tuple[str, ...], threshold: float
+          ) -> FaceResult:
+    """The track's smoothed result; a face never classified is "too_small" or, while it waits its turn, "pending"."""
     probs = track.smoothed()
     if probs is None:
-        return FaceResult(box=detection.box, detection_score=detection.score, status="too_small")
+        return FaceResult(box=detection.box, detection_score=detection.score,
+                          status="pending" if large else "too_small")
     return FaceResult.from_probabilities(detection.box, probs, classes, threshold, detection_score=detection.score)

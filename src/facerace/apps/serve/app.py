@@ -15,10 +15,10 @@ from typing import Any
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..errors import FaceraceError, InvalidParameterError
-from ..images import MAX_PIXELS
-from ..model import list_models
-from ..predictor import Predictor
+from facerace.errors import FaceraceError, InvalidParameterError
+from facerace.images import MAX_PIXELS
+from facerace.model import list_models
+from facerace.predictor import Predictor
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
@@ -45,7 +45,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return (resources.files("facerace.serve") / "static" / "index.html").read_text()
+        return (resources.files("facerace.apps.serve") / "static" / "index.html").read_text()
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -88,7 +88,7 @@ def create_app(
 
 
 def _version() -> str:
-    from .. import __version__
+    from facerace.version import __version__
 
     return __version__
 

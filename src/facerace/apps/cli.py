@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
+from facerace.errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from facerace.head import HeadParams
+    from facerace.training.config import TrainConfig
 
 USAGE_ERRORS = (InvalidParameterError, DatasetError, ModelNotFoundError)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .backbones import BACKBONES
-    from .detect import DETECTORS
-    from .labels import SCHEMES
-    from .output import FORMATS
+    from facerace.apps.output import FORMATS
+    from facerace.backbones import BACKBONES
+    from facerace.detect import DETECTORS
+    from facerace.faces import MIN_FACE
+    from facerace.head import HeadParams
+    from facerace.labels import SCHEMES
+    from facerace.training.config import TrainConfig
+    from facerace.version import __version__
 
     p = argparse.ArgumentParser(prog="facerace", description="Perceived race category of every face in photos.")
     p.add_argument("--version", action="version", version=f"facerace {__version__}")
@@ -35,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default="default", help="shipped model name or model/run folder")
     pr.add_argument("--column", help="CSV column holding paths (default: path or file)")
     pr.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
-    pr.add_argument("--min-face", type=int, default=32, help="smaller faces (px) are reported, not classified")
+    pr.add_argument("--min-face", type=int, default=MIN_FACE, help="smaller faces (px) are reported, not classified")
     pr.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
     em = sub.add_parser("embed", help="write one face embedding (descriptor) per face to an .npz file")
@@ -47,40 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--model", default="default", help="model whose detector and backbone are the defaults")
     em.add_argument("--column", help="CSV column holding paths (default: path or file)")
     em.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
-    em.add_argument("--min-face", type=int, default=32, help="smaller faces (px) are skipped")
+    em.add_argument("--min-face", type=int, default=MIN_FACE, help="smaller faces (px) are skipped")
 
     tr = sub.add_parser("train", help="train a classifier (a head, or fine-tune the network's last layers)")
-    tr.add_argument("--data", action="append", metavar="KIND:PATH",
-                    help="dataset, e.g. fairface:data/fairface or utkface:data/UTKFace (repeatable)")
-    tr.add_argument("--scheme", default="fairface7", help="label scheme to train (default fairface7)")
-    tr.add_argument("--out", type=Path, help="run folder to create (default runs/train/expN)")
-    tr.add_argument("--split", default="train", help="dataset split to train on (default train)")
-    tr.add_argument("--val-fraction", type=float, default=0.12, help="held-out validation share (default 0.12)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--hidden", type=int, default=512, help="hidden units of the head; 0 = linear (default 512)")
-    tr.add_argument("--learning-rate", type=float, default=3e-4, help="Adam step size (default 3e-4)")
-    tr.add_argument("--weight-decay", type=float, default=3e-3, help="L2 penalty (default 3e-3)")
-    tr.add_argument("--dropout", type=float, default=0.6, help="dropout on the hidden layer (default 0.6)")
-    tr.add_argument("--patience", type=int, help="epochs without improvement before stopping (default 15; 5 with "
-                                                 "--unfreeze)")
-    tr.add_argument("--max-epochs", type=int, help="default 200; 40 with --unfreeze")
-    tr.add_argument("--detector", default="yunet", choices=DETECTORS)
-    tr.add_argument("--backbone", default="dlib-resnet-v1-onnx", choices=BACKBONES,
-                    help="face network (default dlib-resnet-v1-onnx: dlib's ResNet run by ONNX Runtime; "
-                         "to fine-tune: dlib-torch or vggface)")
-    tr.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
-    tr.add_argument("--unfreeze", type=int, default=0, metavar="N",
-                    help="fine-tune the network's last N units with the head (dlib-torch: 1 = its fc layer, "
-                         "2-15 also residual blocks, 16 all; vggface: 1-15 of conv1_1..fc7); default 0 = frozen")
-    tr.add_argument("--views", type=int, default=4, help="views per image when fine-tuning: the face, its mirror "
-                                                         "and random augmentations (default 4)")
-    tr.add_argument("--backbone-learning-rate", type=float, default=3e-5,
-                    help="step size for the unfrozen layers (default 3e-5)")
-    tr.add_argument("--batch-size", type=int, default=128, help="images per step when fine-tuning (default 128)")
-    tr.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder with its settings")
-    tr.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
-                    help="embed each face as the mean of it and its mirror image, in training and prediction")
-    _data_columns(tr)
+    _train_options(tr, TrainConfig(), HeadParams())
     _common(tr)
 
     ex = sub.add_parser("export", help="write a model as one ONNX file: face chips -> probabilities")
@@ -129,6 +107,49 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_options(p: argparse.ArgumentParser, config: TrainConfig, head: HeadParams) -> None:
+    """The train verb's options: one per TrainConfig / HeadParams field, unset ones keep the dataclass defaults."""
+    from facerace.backbones import BACKBONES, fine_tunable
+    from facerace.detect import DETECTORS
+
+    p.add_argument("--data", action="append", metavar="KIND:PATH",
+                   help="dataset, e.g. fairface:data/fairface or utkface:data/UTKFace (repeatable)")
+    p.add_argument("--scheme", help=f"label scheme to train (default {config.scheme})")
+    p.add_argument("--out", type=Path, help="run folder to create (default runs/train/expN)")
+    p.add_argument("--split", help=f"dataset split to train on (default {config.split})")
+    p.add_argument("--val-fraction", type=float, help=f"held-out validation share (default {config.val_fraction})")
+    p.add_argument("--seed", type=int, help=f"seed of the split, the head and fine-tuning (default {config.seed})")
+    p.add_argument("--hidden", type=int, help=f"hidden units of the head; 0 = linear (default {head.hidden})")
+    p.add_argument("--learning-rate", type=float, help=f"Adam step size (default {head.learning_rate})")
+    p.add_argument("--weight-decay", type=float, help=f"L2 penalty (default {head.weight_decay})")
+    p.add_argument("--dropout", type=float, help=f"dropout on the hidden layer (default {head.dropout})")
+    p.add_argument("--batch-size", type=int, help=f"examples per step (default {head.batch_size})")
+    frozen, tuned = head.resolved(), head.resolved(fine_tuning=True)
+    p.add_argument("--patience", type=int, help=f"epochs without improvement before stopping (default "
+                                                f"{frozen.patience}; {tuned.patience} with --unfreeze)")
+    p.add_argument("--max-epochs", type=int, help=f"default {frozen.max_epochs}; {tuned.max_epochs} with --unfreeze")
+    p.add_argument("--detector", choices=DETECTORS, help=f"face detector (default {config.detector})")
+    p.add_argument("--backbone", choices=BACKBONES,
+                   help=f"face network (default {config.backbone}: dlib's ResNet run by ONNX Runtime; "
+                        f"to fine-tune: {' or '.join(fine_tunable())})")
+    p.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
+    p.add_argument("--unfreeze", type=int, metavar="N",
+                   help="fine-tune the network's last N units with the head (dlib-torch: 1 = its fc layer, "
+                        "2-15 also residual blocks, 16 all; vggface: 1-15 of conv1_1..fc7); default 0 = frozen")
+    p.add_argument("--views", type=int, help=f"views per image when fine-tuning: the face, its mirror and random "
+                                             f"augmentations (default {config.views})")
+    p.add_argument("--backbone-learning-rate", type=float,
+                   help=f"step size for the unfrozen layers (default {config.backbone_learning_rate})")
+    p.add_argument("--threshold-target", type=float, help=f"held-out accuracy that sets the uncertainty threshold "
+                                                          f"(default {config.threshold_target})")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder with its settings")
+    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
+                   help="embed each face as the mean of it and its mirror image, in training and prediction "
+                        f"(default {'on' if config.flip_average else 'off'})")
+    p.add_argument("--path-column", help=f"csv: datasets: the column of image paths (default {config.path_column})")
+    p.add_argument("--label-column", help=f"csv: datasets: the column of labels (default {config.label_column})")
+
+
 def _data_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path-column", default="path", help="csv: datasets: the column of image paths")
     p.add_argument("--label-column", default="label", help="csv: datasets: the column of labels")
@@ -164,12 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .draw import annotate
-    from .images import load_image
-    from .output import RowWriter
-    from .predictor import Predictor
-    from .results import ImageResult
-    from .sources import expand
+    from facerace.apps.draw import annotate
+    from facerace.apps.output import RowWriter
+    from facerace.apps.sources import expand
+    from facerace.images import load_image
+    from facerace.predictor import Predictor
+    from facerace.results import ImageResult
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold,
                           min_face=args.min_face)
@@ -181,7 +202,7 @@ def _predict(args: argparse.Namespace) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
     stream = open(args.output, "w", newline="") if args.output else sys.stdout
     fmt = args.format or ("table" if stream.isatty() else "jsonl")
-    writer = RowWriter(stream, fmt, predictor.classes_)
+    writer = RowWriter(stream, fmt, predictor.classes)
     if args.annotate:
         args.annotate.mkdir(parents=True, exist_ok=True)
     try:
@@ -200,55 +221,33 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
-
-    from .errors import ImageError
-    from .predictor import Predictor
-    from .sources import expand
+    from facerace.apps.sources import expand
+    from facerace.predictor import Predictor, embed
 
     predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone,
                           backbone_weights=args.backbone_weights, min_face=args.min_face)
     predictor.validate()
     sources = expand(args.paths, column=args.column, root=args.root)
-    paths, boxes, vectors, errors = [], [], [], []
-    for source in tqdm(sources, desc="embedding", unit="img", disable=None if len(sources) > 1 else True):
-        try:
-            if source.error:
-                raise ImageError(source.path, source.error)
-            faces, embeddings = predictor.embed_image(source.path)
-        except ImageError as exc:
-            errors.append(str(exc))
-            continue
-        paths += [source.path] * len(faces)
-        boxes += [d.box for d in faces]
-        vectors.append(embeddings)
-    backbone = predictor.backbone_
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.output, paths=np.array(paths, dtype=str), boxes=np.array(boxes, dtype=np.int32).reshape(-1, 4),
-             embeddings=np.concatenate(vectors) if vectors else np.zeros((0, backbone.dim), np.float32),
-             backbone=np.array(f"{backbone.name} ({backbone.version})"), errors=np.array(errors, dtype=str))
-    print(f"{len(paths)} face(s) from {len(sources) - len(errors)} image(s) -> {args.output}"
+    result = embed([s.path for s in sources if s.error is None], predictor, progress=True)
+    errors = [f"{s.path}: {s.error}" for s in sources if s.error] + list(result.errors)
+    result = dataclasses.replace(result, errors=tuple(errors))
+    result.save(args.output)
+    print(f"{len(result.paths)} face(s) from {len(sources) - len(errors)} image(s) -> {args.output}"
           + (f"; {len(errors)} unreadable: " + "; ".join(errors[:3]) if errors else ""), file=sys.stderr)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import resume, train
+    from facerace.training.config import TrainConfig
+    from facerace.training.train import resume, train
 
     if args.resume:
         run = resume(args.resume, cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
     elif not args.data:
         raise InvalidParameterError("train needs --data KIND:PATH (or --resume RUN)")
     else:
-        run = train(args.data, scheme=args.scheme, out=args.out, split=args.split, val_fraction=args.val_fraction,
-                    seed=args.seed, hidden=args.hidden, learning_rate=args.learning_rate,
-                    weight_decay=args.weight_decay, dropout=args.dropout, patience=args.patience,
-                    max_epochs=args.max_epochs, detector=args.detector, backbone=args.backbone,
-                    backbone_weights=args.backbone_weights, flip_average=args.flip_average, unfreeze=args.unfreeze, views=args.views,
-                    backbone_learning_rate=args.backbone_learning_rate, batch_size=args.batch_size,
-                    path_column=args.path_column, label_column=args.label_column,
-                    cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
+        run = train(TrainConfig.from_flat(vars(args)), out=args.out, cache_dir=args.cache_dir, workers=args.workers,
+                    quiet=args.quiet)
     metrics = json.loads((run / "metrics.json").read_text())
     v = metrics["validation"]
     print(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
@@ -259,7 +258,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from facerace.training.evaluate import evaluate
 
     run, m = evaluate(args.model, args.data, split=args.split, scheme=args.scheme, out=args.out,
                       path_column=args.path_column, label_column=args.label_column,
@@ -276,8 +275,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
-    from .model import load_config
+    from facerace.export import export_onnx
+    from facerace.model import load_config
 
     config = load_config(args.model)
     path = export_onnx(args.model, args.output)
@@ -289,7 +288,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .model import list_models
+    from facerace.model import list_models
 
     for m in list_models():
         acc = ", ".join(f"{k} {v}" for k, v in m["metrics"].items())
@@ -300,8 +299,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace) -> int:
-    from .predictor import Predictor
-    from .stream import stream
+    from facerace.apps.stream import stream
+    from facerace.predictor import Predictor
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold)
     predictor.validate()
@@ -319,19 +318,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .model import load_config
+    from facerace.model import load_config
 
     load_config(args.model)  # a missing model is a usage error, before the server starts
     os.environ.update(FACERACE_MODEL=str(args.model), FACERACE_MAX_UPLOAD_BYTES=str(int(args.max_upload_mb * 2**20)),
                       FACERACE_TIMEOUT_S=str(args.timeout))
     print(f"facerace serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops", file=sys.stderr)
-    uvicorn.run("facerace.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
+    uvicorn.run("facerace.apps.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="warning")
     return 0
 
 
 def _datasets(args: argparse.Namespace) -> int:
-    from .datasets import check_dataset
+    from facerace.training.datasets import check_dataset
 
     report = check_dataset(args.data, path_column=args.path_column, label_column=args.label_column,
                            progress=not args.quiet)

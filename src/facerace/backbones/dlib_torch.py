@@ -7,6 +7,7 @@ fine-tuning and for the ONNX export.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dlib_format import CHIP_SIZE, MEAN_RGB, STAGES, network, read_dlib_resnet, state_dict
-from .errors import InvalidParameterError
+from facerace.backbones.dlib_format import CHIP_SIZE, MEAN_RGB, STAGES, network, read_dlib_resnet, state_dict
+from facerace.errors import InvalidParameterError
 
 
 class Affine(nn.Module):
@@ -109,6 +110,19 @@ def load_dlib_resnet(path: str | Path | None = None) -> DlibResNet:
     return DlibResNet().load_dlib(network(read_dlib_resnet(path))).eval()
 
 
+def load_network(weights: None = None, tuned: str | Path | None = None
+                 ) -> tuple[DlibResNet, Callable[[torch.Tensor], torch.Tensor]]:
+    """(the port with the layers of fine-tuned file `tuned` swapped in, in eval mode; `normalise`).
+
+    dlib's network takes no weights file of its own: `weights` exists for the registry's one signature."""
+    from safetensors.torch import load_file
+
+    net = load_dlib_resnet()
+    if tuned:
+        net.load_state_dict(load_file(str(tuned)), strict=False)
+    return net, normalise
+
+
 def normalise(chips: torch.Tensor) -> torch.Tensor:
     """dlib's `input_rgb_image_sized<150>` on a tensor: (n, 150, 150, 3) uint8 RGB -> (n, 3, 150, 150) (x - mean) / 256."""
     mean = torch.tensor(MEAN_RGB, dtype=torch.float32)[:, None, None]
@@ -123,7 +137,7 @@ def chips_to_tensor(chips: np.ndarray) -> torch.Tensor:
     return normalise(torch.from_numpy(chips))
 
 
-def export_onnx(model: DlibResNet, path: str | Path) -> None:
+def save_onnx(model: DlibResNet, path: str | Path) -> None:
     """Write `model` as ONNX (opset 17), input "chips" (n, 3, 150, 150) -> output "descriptors" (n, 128)."""
     with warnings.catch_warnings():
         # The trace fixes the spatial sizes (the network takes 150x150 chips only); the batch axis stays dynamic.

@@ -20,93 +20,65 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .align import Aligner
-from .augment import view
-from .backbones import DlibResNet, InputSpec, require_torch
-from .detect import create_detector
-from .embeddings import main_face_chip, parallel_batches
-from .errors import ImageError, InvalidParameterError
-from .head import History, RaceHead, fit_temperature
-from .images import load_image
-from .model import sha256_file
-from .predictor import MIN_FACE
-
-#: The networks that can be fine-tuned, and the backbone that runs the result at prediction time.
-NETWORKS = {"dlib-torch": "dlib-resnet-v1-onnx", "vggface": "vggface"}
-
-
-def load_network(name: str, weights: str | None = None, tuned: str | Path | None = None
-                 ) -> tuple[Any, Callable[[Any], Any], InputSpec]:
-    """(PyTorch module in eval mode, its input normalisation of uint8 (n, s, s, 3) chip tensors, input spec)
-    of fine-tunable network `name`, with the layers of a fine-tuned file `tuned` swapped in."""
-    require_torch(f"the PyTorch {name} network")
-    if name == "dlib-torch":
-        from safetensors.torch import load_file
-
-        from .dlib_torch import load_dlib_resnet, normalise
-
-        net = load_dlib_resnet()
-        if tuned:
-            net.load_state_dict(load_file(str(tuned)), strict=False)
-        return net, normalise, DlibResNet.input_spec
-    if name == "vggface":
-        if not weights:
-            raise InvalidParameterError("the vggface network needs its weights file: --backbone-weights vgg_face_weights.h5")
-        from .vggface import VGGFaceBackbone, load_keras_h5, load_tuned, normalise
-
-        net = load_keras_h5(weights)
-        return (load_tuned(net, tuned) if tuned else net).eval(), normalise, VGGFaceBackbone.input_spec
-    raise InvalidParameterError(f"no PyTorch network for backbone {name!r}; choose one of {', '.join(NETWORKS)}")
+from facerace.backbones import create_network
+from facerace.errors import ImageError
+from facerace.faces import FacePipeline
+from facerace.files import default_cache_dir, sha256_file
+from facerace.head import History, RaceHead, fit_temperature, softmax
+from facerace.images import load_image
+from facerace.parallel import ordered_map, worker_count
+from facerace.training.augment import view
+from facerace.training.config import TrainConfig
 
 
 @dataclass
-class ViewEmbedder:
-    """Picklable: (path, seed, dataset face padding) -> the frozen prefix's outputs for every view of the main face."""
+class ViewActivations:
+    """Picklable: (path, seed, dataset face padding) -> the frozen prefix's activations for every view of the main face.
 
-    network: str
-    weights: str | None
+    The main face is cut by `pipeline` (detector, size filter, the network's chips); its network is never run
+    whole: the prefix of PyTorch network `pipeline.backbone` (weights file `pipeline.backbone_weights`) is.
+    """
+
+    pipeline: FacePipeline
     unfreeze: int
     views: int
-    detector: str
 
     def __post_init__(self) -> None:
-        self._parts: tuple | None = None
+        self._prefix: tuple | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_parts": None}
+        return {**self.__dict__, "_prefix": None}
 
     @property
-    def pipeline_id(self) -> str:
-        source = self.weights and sha256_file(Path(self.weights))[:16]
-        return (f"prefix|{self.network}|{source}|unfreeze={self.unfreeze}|views={self.views}|det={self.detector}"
-                f"|min={MIN_FACE}|augment-v1")
+    def cache_key(self) -> str:
+        weights = self.pipeline.backbone_weights
+        source = weights and sha256_file(Path(weights))[:16]
+        return (f"prefix|{self.pipeline.backbone}|{source}|unfreeze={self.unfreeze}|views={self.views}"
+                f"|det={self.pipeline.detector}|min={self.pipeline.min_face}|augment-v1")
 
-    def parts(self) -> tuple:
-        """(detector, aligner, frozen prefix, input normalisation), loaded once per process."""
-        if self._parts is None:
-            import cv2
+    def prefix(self) -> tuple[Any, Callable[[Any], Any]]:
+        """(frozen prefix of the network, its input normalisation), loaded once per process."""
+        if self._prefix is None:
             import torch
 
-            cv2.setNumThreads(1)
             torch.set_num_threads(1)
-            net, normalise, spec = load_network(self.network, self.weights)
-            prefix, _ = net.split(self.unfreeze)
-            self._parts = (create_detector(self.detector), Aligner(spec.chip_size, spec.padding), prefix, normalise)
-        return self._parts
+            net, normalise, _ = create_network(self.pipeline.backbone, self.pipeline.backbone_weights)
+            self._prefix = (net.split(self.unfreeze)[0], normalise)
+        return self._prefix
 
     def __call__(self, item: tuple[str, int, float]) -> tuple[np.ndarray | None, bool, str | None]:
-        """(features (views, ...) float16, face detected, error) for one image.
+        """(activations (views, ...) float16, face detected, error) for one image.
 
         Without a detected face, the dataset's known face region (`face_padding`) is used."""
         import torch
 
         path, seed, face_padding = item
-        detector, aligner, prefix, normalise = self.parts()
+        prefix, normalise = self.prefix()
         try:
             rgb = load_image(path)
         except ImageError as exc:
             return None, False, exc.reason
-        chip, detected = main_face_chip(rgb, detector, aligner, face_padding)
+        chip, detected = self.pipeline.main_face_chip(rgb, face_padding)
         chips = np.stack([view(chip, i, seed) for i in range(self.views)])
         with torch.no_grad():
             return prefix(normalise(torch.from_numpy(chips))).numpy().astype(np.float16), detected, None
@@ -142,32 +114,36 @@ class FeatureStore:
 
 
 def compute_views(paths: Sequence[str], digests: Sequence[str], face_paddings: Sequence[float],
-                  embedder: ViewEmbedder, *,
+                  activations: ViewActivations, *,
                   cache_dir: str | Path | None = None, workers: int | None = None, progress: bool = True,
                   desc: str = "frozen layers") -> FeatureStore:
     """The FeatureStore of `paths`, computing (on all cores) the rows not already on disk."""
     import torch
     from tqdm import tqdm
 
-    from .cache import default_cache_dir
-
-    key = hashlib.sha256("\n".join([embedder.pipeline_id, *digests, *map(str, face_paddings)]).encode()
+    key = hashlib.sha256("\n".join([activations.cache_key, *digests, *map(str, face_paddings)]).encode()
                          ).hexdigest()[:20]
-    _, aligner, prefix, normalise = embedder.parts()  # with one worker, these compute the views below too
+    prefix, normalise = activations.prefix()  # with one worker, this computes the views below too
+    size = activations.pipeline.chip_spec.chip_size
     with torch.no_grad():
-        shape = tuple(prefix(normalise(torch.zeros(1, aligner.size, aligner.size, 3, dtype=torch.uint8))).shape[1:])
-    store = FeatureStore(Path(cache_dir or default_cache_dir()) / "views" / key, len(paths), (embedder.views, *shape))
+        shape = tuple(prefix(normalise(torch.zeros(1, size, size, 3, dtype=torch.uint8))).shape[1:])
+    store = FeatureStore(Path(cache_dir or default_cache_dir()) / "views" / key, len(paths),
+                         (activations.views, *shape))
     todo = np.nonzero(~store.done)[0]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    batch = 32 * worker_count(workers, len(todo))
     items = [(str(paths[i]), int(digests[i][:15], 16), face_paddings[i]) for i in todo]
+    outputs = ordered_map(activations, items, workers=workers, chunksize=4)
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not len(todo)) as bar:
-        for positions, outs in parallel_batches(embedder, items, workers=workers, batch=32 * workers):
-            for i, (features, detected, error) in zip(todo[positions.start : positions.stop], outs):
+        try:
+            for n, (i, (features, detected, error)) in enumerate(zip(todo, outputs), start=1):
                 if error is None:  # unreadable images stay not done, and are counted by the caller
                     store.features[i], store.detected[i], store.done[i] = features, detected, True
-            store.commit()
-            store.computed += len(positions)
-            bar.update(len(positions))
+                if n % batch == 0 or n == len(todo):
+                    store.commit()
+                    store.computed = n
+                    bar.update(n - bar.n)
+        finally:
+            outputs.close()
     return store
 
 
@@ -180,23 +156,23 @@ class FineTuned:
     val_probs: np.ndarray
 
 
-def fit(store: FeatureStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, *, network: str,
-        weights: str | None, unfreeze: int, classes: tuple[str, ...], hidden: int, learning_rate: float,
-        backbone_learning_rate: float, weight_decay: float, dropout: float, batch_size: int, patience: int,
-        max_epochs: int, seed: int, checkpoint: Path, on_epoch: Callable[[int, History], None] | None = None
+def fit(store: FeatureStore, y: np.ndarray, split: tuple[np.ndarray, np.ndarray], config: TrainConfig,
+        classes: tuple[str, ...], checkpoint: Path, *, on_epoch: Callable[[int, History], None] | None = None
         ) -> FineTuned:
     """Train the network's last `unfreeze` units and a head on the stored views; resume from `checkpoint` if present.
 
-    Row `i` of the store has label `y[i]`; rows `train_idx` are trained on (a random view per
-    epoch), rows `val_idx` score early stopping (views 0 and 1 averaged after the suffix).
+    Row `i` of the store has label `y[i]`; rows `split[0]` are trained on (a random view per
+    epoch), rows `split[1]` score early stopping (views 0 and 1 averaged after the suffix).
     """
     import torch
     from torch import nn
 
-    torch.manual_seed(seed)
+    train_idx, val_idx = split
+    params = config.head_params
+    torch.manual_seed(config.seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    net, _, _ = load_network(network, weights)
-    _, suffix = net.split(unfreeze)
+    net, _, _ = create_network(config.backbone, config.backbone_weights)
+    _, suffix = net.split(config.unfreeze)
     views = store.features.shape[1]
 
     def batch(rows: np.ndarray, view_index: np.ndarray | int) -> torch.Tensor:
@@ -213,13 +189,13 @@ def fit(store: FeatureStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.n
         sample = embed(np.sort(train_idx[:2000]), 0)
     mean, scale = sample.mean(0), sample.std(0) + 1e-6
     dim = sample.shape[1]
-    head = (nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, len(classes)))
-            if hidden else nn.Sequential(nn.Linear(dim, len(classes))))
+    head = RaceHead.torch_layers(dim, len(classes), params)
     # L2 penalty on the head only (as RaceHead); the tuned layers are held near their pretrained values
     # by their small step size and early stopping instead.
-    optimizer = torch.optim.Adam([{"params": suffix.parameters(), "lr": backbone_learning_rate},
-                                  {"params": head.parameters(), "lr": learning_rate, "weight_decay": weight_decay}])
-    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.Adam([{"params": suffix.parameters(), "lr": config.backbone_learning_rate},
+                                  {"params": head.parameters(), "lr": params.learning_rate,
+                                   "weight_decay": params.weight_decay}])
+    rng = np.random.default_rng(config.seed)
     history, best, wait, start = History(), np.inf, 0, 0
     best_state = None
     if checkpoint.is_file():
@@ -239,16 +215,16 @@ def fit(store: FeatureStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.n
         return head((vecs - mean) / scale)
 
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(start, max_epochs):
-        if wait >= patience:
+    for epoch in range(start, params.max_epochs):
+        if wait >= params.patience:
             break
         suffix.train()
         head.train()
         order = rng.permutation(train_idx)
         chosen = rng.integers(0, views, len(order))
         total = 0.0
-        for i in range(0, len(order), batch_size):
-            rows, v = order[i : i + batch_size], chosen[i : i + batch_size]
+        for i in range(0, len(order), params.batch_size):
+            rows, v = order[i : i + params.batch_size], chosen[i : i + params.batch_size]
             out = head((suffix(batch(rows, v)) - mean) / scale)
             loss = loss_fn(out, yt[rows])
             optimizer.zero_grad()
@@ -282,27 +258,13 @@ def fit(store: FeatureStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.n
     head.eval()
     with torch.no_grad():
         val_logits = logits([(val_idx, 0), (val_idx, min(1, views - 1))]).double().numpy()
-    race_head = _to_race_head(head, mean, scale, classes, hidden, dropout)
+    race_head = RaceHead.from_torch(head, mean.numpy(), scale.numpy(), classes, params)
     race_head.temperature_ = fit_temperature(val_logits, y[val_idx])
     race_head.history_ = history
     tuned = {name: p.detach().numpy().copy() for name, p in net.named_parameters()
              if any(p is q for q in suffix.parameters())}
-    from .head import softmax
-
     return FineTuned(race_head, tuned, softmax(val_logits / race_head.temperature_))
 
 
 def _copy(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _to_race_head(head: Any, mean: Any, scale: Any, classes: tuple[str, ...], hidden: int, dropout: float) -> RaceHead:
-    """The torch head as a numpy RaceHead (same layers), so prediction needs no PyTorch."""
-    from torch import nn
-
-    race_head = RaceHead(classes, hidden=hidden, dropout=dropout)
-    race_head.mean_, race_head.scale_ = mean.numpy(), scale.numpy()
-    dense = [m for m in head if isinstance(m, nn.Linear)]
-    race_head.params_ = {f"{kind}{i}": t.detach().numpy().T.copy() if kind == "w" else t.detach().numpy().copy()
-                         for i, m in enumerate(dense) for kind, t in (("w", m.weight), ("b", m.bias))}
-    return race_head

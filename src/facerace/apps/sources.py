@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InvalidParameterError
-from .images import IMAGE_SUFFIXES
+from facerace.errors import InvalidParameterError
+from facerace.images import IMAGE_SUFFIXES
 
 CSV_COLUMNS = ("path", "file")
 

@@ -1,0 +1,49 @@
+"""Base types of the face networks: what chips they take and what they return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from facerace.errors import MissingDependencyError
+from facerace.files import sha256_file
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What chips a backbone expects: square side in pixels and dlib-style padding."""
+
+    chip_size: int
+    padding: float
+
+
+class Backbone(Protocol):
+    """A frozen face network: `embed(chips (n, s, s, 3) uint8) -> (n, dim) float32`.
+
+    Backbones with the same `space` give interchangeable embeddings (same network and weights).
+    """
+
+    name: str
+    space: str
+    version: str
+    input_spec: InputSpec
+    dim: int
+
+    def embed(self, chips: np.ndarray) -> np.ndarray: ...
+
+
+def require_torch(what: str):
+    """The `torch` module, or a MissingDependencyError saying how to install it."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise MissingDependencyError(f"{what} needs PyTorch: pip install 'facerace[torch]'") from exc
+    return torch
+
+
+def tuned_space(space: str, tuned: str | Path | None) -> str:
+    """The embedding space of a network with the layers of fine-tuned file `tuned` swapped in."""
+    return f"{space}-ft-{sha256_file(Path(tuned))[:16]}" if tuned else space

@@ -1,0 +1,145 @@
+"""The face pipeline: image -> faces -> chips -> embeddings (detect, keep large faces, align, embed).
+
+One object used by prediction, training, evaluation, fine-tuning views and the stream, so the
+minimum face size, the chip geometry and the mirror averaging are decided in one place, and
+embedding-cache keys derive from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from facerace.align import Aligner
+from facerace.backbones import Backbone, InputSpec, chip_spec, create_backbone
+from facerace.detect import Detection, Detector, create_detector, known_face_region
+
+#: Faces whose box is smaller than this (pixels, shorter side) are reported as too_small.
+MIN_FACE = 32
+
+
+@dataclass(frozen=True)
+class Faces:
+    """What the pipeline found in one image: every detection, and for the large ones their landmarks and chips."""
+
+    found: tuple[Detection, ...]
+    large: tuple[Detection, ...]
+    landmarks: np.ndarray
+    chips: np.ndarray
+
+
+@dataclass
+class FacePipeline:
+    """Picklable settings of image -> faces -> chips -> embeddings; detector, aligner and network load on first use.
+
+    `chips` overrides the backbone's own chip geometry (a model records the one it was trained with);
+    `flip_average` embeds each face as the mean of it and its mirror image.
+    """
+
+    detector: str = "yunet"
+    backbone: str = "dlib-resnet-v1-onnx"
+    backbone_weights: str | None = None
+    tuned: str | None = None
+    flip_average: bool = False
+    min_face: int = MIN_FACE
+    upsample: int = 1
+    chips: InputSpec | None = None
+
+    def __post_init__(self) -> None:
+        self._detector: Detector | None = None
+        self._aligner: Aligner | None = None
+        self._backbone: Backbone | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_detector": None, "_aligner": None, "_backbone": None}
+
+    # ---- parts ---------------------------------------------------------------------
+    @property
+    def chip_spec(self) -> InputSpec:
+        """Chip size and padding the aligner cuts."""
+        return self.chips or chip_spec(self.backbone)
+
+    def make_detector(self) -> Detector:
+        """A new detector of this pipeline's kind (validates the name)."""
+        return create_detector(self.detector, upsample=self.upsample) if self.detector == "hog" \
+            else create_detector(self.detector)
+
+    def make_backbone(self) -> Backbone:
+        """A new backbone of this pipeline's kind (validates name and files)."""
+        return create_backbone(self.backbone, self.backbone_weights, self.tuned)
+
+    def get_detector(self) -> Detector:
+        """The detector, loaded on first use."""
+        if self._detector is None:
+            self._detector = self.make_detector()
+        return self._detector
+
+    def get_aligner(self) -> Aligner:
+        """The aligner, loaded on first use."""
+        if self._aligner is None:
+            spec = self.chip_spec
+            self._aligner = Aligner(spec.chip_size, spec.padding)
+        return self._aligner
+
+    def get_backbone(self) -> Backbone:
+        """The face network, loaded on first use."""
+        if self._backbone is None:
+            self._backbone = self.make_backbone()
+        return self._backbone
+
+    def with_parts(self, other: FacePipeline) -> FacePipeline:
+        """Reuse `other`'s loaded parts where its settings for them are the same as this one's; return self."""
+        if (other.detector, other.upsample) == (self.detector, self.upsample):
+            self._detector = other._detector
+        if other.chip_spec == self.chip_spec:
+            self._aligner = other._aligner
+        if (other.backbone, other.backbone_weights, other.tuned) == (self.backbone, self.backbone_weights, self.tuned):
+            self._backbone = other._backbone
+        return self
+
+    # ---- stages --------------------------------------------------------------------
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces in an RGB image, largest first."""
+        return self.get_detector().detect(rgb)
+
+    def large(self, found: Sequence[Detection]) -> list[Detection]:
+        """The faces whose box is at least `min_face` pixels on its shorter side, in order."""
+        return [d for d in found if min(d.box[2], d.box[3]) >= self.min_face]
+
+    def align(self, rgb: np.ndarray, faces: Sequence[Detection]) -> tuple[np.ndarray, np.ndarray]:
+        """(landmarks (n, 5, 2) float32 in image pixels, chips (n, s, s, 3) uint8) of `faces`."""
+        return self.get_aligner().align(rgb, [d.box for d in faces])
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        """Embeddings (n, dim) of chips; with `flip_average`, the mean of each chip's and its mirror image's."""
+        backbone = self.get_backbone()
+        if not self.flip_average or len(chips) == 0:
+            return backbone.embed(chips)
+        both = backbone.embed(np.concatenate([chips, chips[:, :, ::-1]]))
+        return (both[: len(chips)] + both[len(chips) :]) / 2
+
+    def faces(self, rgb: np.ndarray, found: Sequence[Detection] | None = None) -> Faces:
+        """Detect (unless `found` is given), keep the large faces and cut their chips."""
+        found = tuple(self.detect(rgb) if found is None else found)
+        large = tuple(self.large(found))
+        landmarks, chips = self.align(rgb, large)
+        return Faces(found, large, landmarks, chips)
+
+    def main_face_chip(self, rgb: np.ndarray, face_padding: float) -> tuple[np.ndarray, bool]:
+        """(aligned chip, detected) of a face-crop image: its largest large face, else the crop's known
+        face region (`face_padding`, the dataset's margin around the face)."""
+        large = self.large(self.detect(rgb))
+        face = large[0] if large else known_face_region(rgb.shape, face_padding)
+        return self.align(rgb, [face])[1][0], bool(large)
+
+    def cache_key(self, fallback: float | None = None) -> str:
+        """Names everything that changes an embedding: network (and its files), detector, chips, the known
+        face region used when no face is found (`fallback`, for face crops), size filter, flip."""
+        b = self.get_backbone()
+        spec = self.chip_spec
+        return (f"{b.name}|{b.version}|det={self.detector}|chip={spec.chip_size}/{spec.padding}"
+                + (f"|fallback={fallback}" if fallback is not None else "")
+                + f"|min={self.min_face}" + ("|flip-average" if self.flip_average else "")
+                + (f"|space={b.space}" if self.tuned or self.backbone_weights else ""))

@@ -1,0 +1,1 @@
+"""Training: datasets -> cached embeddings (or stored views) -> a model, evaluation, reports and run folders."""

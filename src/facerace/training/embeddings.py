@@ -1,0 +1,105 @@
+"""Dataset images -> embeddings, streamed on all cores through the on-disk cache.
+
+Datasets of face crops have one face per image: the largest detection is used, and when
+the detector finds none the dataset's known face region is used instead (and counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from facerace.errors import ImageError
+from facerace.faces import FacePipeline
+from facerace.files import sha256_file
+from facerace.images import load_image
+from facerace.parallel import ordered_map, worker_count
+from facerace.training.cache import EmbeddingCache
+
+
+@dataclass
+class CropEmbedder:
+    """Picklable: path -> (embedding, detected, error) of the main face of a face-crop image.
+
+    When the pipeline finds no large face, the crop's known face region (`face_padding`, the
+    dataset's margin) is embedded instead (`detected` False).
+    """
+
+    pipeline: FacePipeline
+    face_padding: float
+
+    @property
+    def cache_key(self) -> str:
+        return self.pipeline.cache_key(fallback=self.face_padding)
+
+    def __call__(self, path: str) -> tuple[np.ndarray | None, bool, str | None]:
+        try:
+            rgb = load_image(path)
+        except ImageError as exc:
+            return None, False, exc.reason
+        chip, detected = self.pipeline.main_face_chip(rgb, self.face_padding)
+        return self.pipeline.embed(chip[None])[0], detected, None
+
+
+@dataclass
+class Embedded:
+    """Embeddings of a list of files: rows align with `ok` (files that could be read)."""
+
+    vectors: np.ndarray
+    detected: np.ndarray
+    ok: np.ndarray
+    errors: dict[int, str]
+    computed: int
+
+
+def embed_files(
+    paths: Sequence[Path],
+    embedder: CropEmbedder,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    batch: int | None = None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> Embedded:
+    """Embeddings for `paths`, reading cached ones and computing (and caching) the rest.
+
+    Results are committed to the cache every `batch` images (default 16 per worker), so an
+    interrupted run loses at most one batch.
+    """
+    from tqdm import tqdm
+
+    cache = EmbeddingCache(cache_dir)
+    key = embedder.cache_key
+    digests = [sha256_file(p) for p in tqdm(paths, desc="hashing", disable=not progress, leave=False)]
+    found = cache.get_many(key, sorted(set(digests)))
+    todo = sorted({d: i for i, d in enumerate(digests) if d not in found}.values())
+    failed: dict[str, str] = {}
+    batch = batch or 16 * worker_count(workers, len(todo))
+    outputs = ordered_map(embedder, [str(paths[i]) for i in todo], workers=workers, chunksize=4)
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
+        try:
+            done: list[tuple[str, np.ndarray, bool]] = []
+            for n, (i, (vector, detected, error)) in enumerate(zip(todo, outputs), start=1):
+                if error is not None:
+                    failed[digests[i]] = error
+                else:
+                    done.append((digests[i], vector, detected))
+                    found[digests[i]] = (vector, detected)
+                if n % batch == 0 or n == len(todo):
+                    cache.put_many(key, done)
+                    bar.update(n - bar.n)
+                    done = []
+        finally:
+            outputs.close()
+            cache.close()
+    dim = embedder.pipeline.make_backbone().dim
+    ok = np.array([d in found for d in digests], dtype=bool)
+    errors = {i: failed[d] for i, d in enumerate(digests) if d in failed}
+    vectors = np.array([found[d][0] for d in digests if d in found], np.float32).reshape(-1, dim)
+    detected = np.array([found[d][1] for d in digests if d in found], dtype=bool)
+    return Embedded(vectors, detected, ok, errors, computed=len(todo))
+

@@ -1,0 +1,217 @@
+"""facerace train: datasets -> cached embeddings (or stored views, to fine-tune) -> a model with early stopping -> a run folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from facerace.backbones import BACKBONES, InputSpec, create_backbone, create_network, fine_tunable
+from facerace.errors import DatasetError, InvalidParameterError, TrainingInterrupted
+from facerace.faces import FacePipeline
+from facerace.files import sha256_file
+from facerace.head import RaceHead
+from facerace.labels import convert_label, get_scheme
+from facerace.model import ModelConfig, save_model
+from facerace.training.config import TrainConfig
+from facerace.training.datasets import Dataset, Sample, open_dataset
+from facerace.training.embeddings import CropEmbedder, embed_files
+from facerace.training.finetune import ViewActivations, compute_views, fit
+from facerace.training.metrics import choose_threshold, classification_metrics
+from facerace.training.plots import plot_loss
+from facerace.training.runs import environment, new_run_dir, write_json
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) holding out `fraction` of every class, reproducibly."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        val.extend(idx[: max(1, round(fraction * len(idx)))])
+    mask = np.zeros(len(y), bool)
+    mask[val] = True
+    return np.nonzero(~mask)[0], np.nonzero(mask)[0]
+
+
+def labelled(config: TrainConfig, split: str | None = None) -> Iterator[tuple[str, Dataset, list[Sample]]]:
+    """(spec, dataset, its samples whose class exists in the config's scheme) for every dataset of `config`."""
+    for spec in config.data:
+        ds = open_dataset(spec, split or config.split, path_column=config.path_column,
+                          label_column=config.label_column)
+        yield spec, ds, [s for s in ds.samples if convert_label(s.label, ds.scheme, config.scheme) is not None]
+
+
+def _report(ds: Dataset, keep: list[Sample], used: int, unreadable: int, detected: np.ndarray) -> dict[str, Any]:
+    return {"split": ds.split, "images": len(ds.samples), "used": used,
+            "dropped_no_class_in_scheme": len(ds.samples) - len(keep), "unreadable": unreadable,
+            "layout_problems": len(ds.problems),
+            "face_detected_fraction": float(detected.mean()) if len(detected) else 0.0,
+            "known_region_used": int((~detected).sum())}
+
+
+def train_pipeline(config: TrainConfig) -> FacePipeline:
+    """The face pipeline a training run embeds its images with (detector, network, its chips, flip)."""
+    return FacePipeline(config.detector, config.backbone, config.backbone_weights, flip_average=config.flip_average)
+
+
+def load_embeddings(config: TrainConfig, pipeline: FacePipeline, *, cache_dir=None, workers=None, quiet=False
+                    ) -> tuple[np.ndarray, np.ndarray, list[Sample], dict[str, Any]]:
+    """Embeddings, class indices in the config's scheme, samples and a report, for every sample of its datasets."""
+    classes = get_scheme(config.scheme).classes
+    xs, ys, samples, report = [], [], [], {}
+    for spec, ds, keep in labelled(config):
+        emb = embed_files([s.path for s in keep], CropEmbedder(pipeline, ds.face_padding), cache_dir=cache_dir,
+                          workers=workers, progress=not quiet, desc=f"embedding {ds.kind}")
+        kept = [s for s, ok in zip(keep, emb.ok) if ok]
+        xs.append(emb.vectors)
+        ys.extend(classes.index(convert_label(s.label, ds.scheme, config.scheme)) for s in kept)
+        samples.extend(kept)
+        report[spec] = {**_report(ds, keep, len(kept), len(emb.errors), emb.detected), "computed_now": emb.computed}
+    if not samples:
+        raise DatasetError(f"no usable images in {', '.join(config.data)} for scheme {config.scheme!r}")
+    return np.concatenate(xs), np.array(ys), samples, report
+
+
+def load_views(config: TrainConfig, activations: ViewActivations, *, cache_dir=None, workers=None, quiet=False):
+    """(FeatureStore of every labelled image's views, class indices, usable rows, report)."""
+    classes = get_scheme(config.scheme).classes
+    paths, digests, paddings, ys, spans = [], [], [], [], []
+    for spec, ds, keep in labelled(config):
+        spans.append((spec, ds, keep, len(paths)))
+        paths += [str(s.path) for s in keep]
+        digests += [sha256_file(s.path) for s in tqdm(keep, desc="hashing", disable=quiet, leave=False)]
+        paddings += [ds.face_padding] * len(keep)
+        ys += [classes.index(convert_label(s.label, ds.scheme, config.scheme)) for s in keep]
+    store = compute_views(paths, digests, paddings, activations, cache_dir=cache_dir, workers=workers,
+                          progress=not quiet)
+    report = {}
+    for spec, ds, keep, start in spans:
+        done = store.done[start : start + len(keep)]
+        detected = store.detected[start : start + len(keep)][done]
+        report[spec] = {**_report(ds, keep, int(done.sum()), len(keep) - int(done.sum()), detected),
+                        "computed_now": store.computed,
+                        "views": {"path": str(store.directory), "shape": list(store.features.shape),
+                                  "gigabytes": round(store.features.nbytes / 1e9, 3)}}
+    rows = np.nonzero(store.done)[0]
+    if not len(rows):
+        raise DatasetError(f"no usable images in {', '.join(config.data)} for scheme {config.scheme!r}")
+    return store, np.array(ys), rows, report
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train, before any work."""
+    if not config.data:
+        raise InvalidParameterError("train needs at least one dataset: --data KIND:PATH")
+    get_scheme(config.scheme)
+    if config.unfreeze and config.backbone not in fine_tunable():
+        raise InvalidParameterError(f"--unfreeze needs a PyTorch backbone ({', '.join(fine_tunable())}), "
+                                    f"not {config.backbone}")
+    if config.unfreeze and config.views < 2:
+        raise InvalidParameterError(f"fine-tuning needs --views >= 2 (the face and its mirror image), got {config.views}")
+    if config.unfreeze and not config.flip_average:
+        raise InvalidParameterError("fine-tuning always averages each face with its mirror image; drop --no-flip-average")
+    if config.unfreeze:  # fails early on a bad count or file
+        create_network(config.backbone, config.backbone_weights)[0].split(config.unfreeze)
+
+
+def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str | Path | None = None,
+          workers: int | None = None, quiet: bool = False, resume: bool = False) -> Path:
+    """Train a model as `config` says; return the run folder.
+
+    The run folder is `out` (new or empty) or else `runs/train/expN`; its `model/`
+    subfolder is a model usable as `--model RUN`. `resume=True` continues the interrupted
+    run in folder `out` (see `resume`). With `config.unfreeze=0` the network stays frozen and a
+    head is trained on cached embeddings; with N > 0 the last N units of a PyTorch network
+    are fine-tuned with the head (see `facerace.training.finetune`).
+    """
+    check_config(config)
+    classes = get_scheme(config.scheme).classes
+    params = config.head_params
+    run = Path(out) if resume else new_run_dir(out, "train")
+    write_json(run / "config.json", {**config.to_dict(), "environment": environment()})
+
+    started = time.perf_counter()
+    pipeline = train_pipeline(config)
+    if config.unfreeze:
+        store, y, rows, report = load_views(config, ViewActivations(pipeline, config.unfreeze, config.views),
+                                            cache_dir=cache_dir, workers=workers, quiet=quiet)
+        tr, va = (rows[i] for i in stratified_split(y[rows], config.val_fraction, config.seed))
+    else:
+        x, y, _, report = load_embeddings(config, pipeline, cache_dir=cache_dir, workers=workers, quiet=quiet)
+        tr, va = stratified_split(y, config.val_fraction, config.seed)
+    y_val, tuned = y[va], None
+    seconds = {"data": time.perf_counter() - started}
+    with tqdm(total=params.max_epochs, desc="training", unit="epoch", disable=quiet) as bar:
+        def on_epoch(epoch, h):
+            bar.n = epoch + 1
+            bar.set_postfix(train=f"{h.train_loss[-1]:.3f}", val=f"{h.val_loss[-1]:.3f}", best=h.best_epoch + 1)
+
+        if config.unfreeze:
+            try:
+                fitted = fit(store, y, (tr, va), config, classes, run / "checkpoint.pt", on_epoch=on_epoch)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(f"training stopped; every finished epoch is in {run / 'checkpoint.pt'}: "
+                                          f"continue with `facerace train --resume {run}`") from None
+            head, tuned, probs = fitted.head, fitted.tuned, fitted.val_probs
+        else:
+            head = RaceHead(classes, params, random_state=config.seed)
+            head.fit(x[tr], y[tr], x[va], y_val, on_epoch=on_epoch)
+            probs = head.predict_proba(x[va])
+    seconds["fit"] = time.perf_counter() - started - seconds["data"]
+    val_metrics = classification_metrics(y_val, probs, classes)
+    confidence, correct = probs.max(1), (probs.argmax(1) == y_val).astype(float)
+    threshold = choose_threshold(confidence, correct, config.threshold_target)
+
+    predict_backbone = BACKBONES[config.backbone].fine_tuned_by if config.unfreeze else config.backbone
+    runner = create_backbone(predict_backbone, config.backbone_weights)
+    chips: InputSpec = runner.input_spec
+    model_config = ModelConfig(
+        name=run.name, version=run.name, scheme=config.scheme, classes=classes, backbone=predict_backbone,
+        backbone_version=runner.version, detector=config.detector, chip_size=chips.chip_size,
+        chip_padding=chips.padding, threshold=round(threshold, 4), flip_average=config.flip_average,
+        backbone_weights=str(Path(config.backbone_weights).resolve()) if config.backbone_weights else "",
+        threshold_rule=f"lowest confidence at which held-out validation faces are right >= "
+                       f"{config.threshold_target:.0%} of the time (coverage "
+                       f"{float((confidence >= threshold).mean()):.1%} of validation faces)",
+        trained_on=", ".join(config.data) + f" (split {config.split}, {len(tr)} train / {len(va)} validation images)"
+                   + (f"; last {config.unfreeze} units of {config.backbone} fine-tuned" if config.unfreeze else ""),
+        metrics={"validation_accuracy": round(val_metrics["accuracy"], 4),
+                 "validation_macro_f1": round(val_metrics["macro_f1"], 4)},
+    )
+    save_model(run / "model", model_config, head, tuned)
+    h = head.history_
+    plot_loss(h.train_loss, h.val_loss, h.best_epoch, run / "loss.png")
+    with open(run / "history.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_loss", "val_loss", "val_accuracy"])
+        for i, row in enumerate(zip(h.train_loss, h.val_loss, h.val_accuracy), start=1):
+            w.writerow([i, *(round(v, 5) for v in row)])
+    write_json(run / "metrics.json", {
+        "validation": val_metrics, "best_epoch": h.best_epoch + 1, "epochs_run": len(h.train_loss),
+        "temperature": head.temperature_, "threshold": threshold, "data": report,
+        "n_train": int(len(tr)), "n_validation": int(len(va)),
+        "seconds_this_session": {k: round(v, 1) for k, v in seconds.items()},
+    })
+    return run
+
+
+def resume(run: str | Path, *, cache_dir: str | Path | None = None, workers: int | None = None,
+           quiet: bool = False) -> Path:
+    """Continue the interrupted training run in folder `run` with its own settings (config.json)."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise InvalidParameterError(f"{run} is not a training run folder (no config.json)")
+    settings = json.loads(path.read_text())
+    settings.pop("environment", None)
+    try:
+        config = TrainConfig.from_dict(settings)
+    except (InvalidParameterError, TypeError) as exc:
+        raise InvalidParameterError(f"{path} was not written by this facerace version ({exc}); "
+                                    "start a new run instead") from None
+    return train(config, out=run, cache_dir=cache_dir, workers=workers, quiet=quiet, resume=True)
