@@ -25,8 +25,8 @@ def test_cli_flags_are_api_parameters():
     assert _flags("train") <= _params(train) | config_fields | {"resume"}
     assert _flags("evaluate") <= _params(evaluate)
     api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
-    assert _flags("predict") - {"format", "output", "annotate", "paths"} <= api
-    assert _flags("embed") - {"output"} <= _params(predictor.Predictor) | _params(sources.expand) | {"paths"}
+    assert _flags("predict") - {"format", "output", "annotate", "paths", "quiet"} <= api
+    assert _flags("embed") - {"output", "quiet"} <= _params(predictor.Predictor) | _params(sources.expand) | {"paths"}
 
 
 def test_public_names():

@@ -247,12 +247,12 @@ class Embeddings:
 def embed(images: Iterable[ImageInput], predictor: Predictor | None = None, *, progress: bool = False) -> Embeddings:
     """The embeddings of every face in `images` with `predictor`'s pipeline (default: the shipped model's);
     unreadable images are listed in `errors`, never raised."""
-    from tqdm import tqdm
+    from facerace.textout import progress_bar
 
     predictor = (predictor or Predictor()).validate()
     images = list(images)
     paths, boxes, vectors, errors = [], [], [], []
-    for image in tqdm(images, desc="embedding", unit="img", disable=not progress or len(images) < 2):
+    for image in progress_bar(images, quiet=not progress or len(images) < 2, desc="embedding", unit="img"):
         try:
             faces, embeddings = predictor.embed_image(image)
         except ImageError as exc:

@@ -6,12 +6,20 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 #: The keys of every output row (JSON, JSONL, CSV, HTTP), in order; error rows add "error".
-ROW_KEYS = ("path", "face", "status", "box", "label", "confidence", "uncertain", "probabilities")
+#: New keys go at the end: other tools read rows by these names and positions.
+ROW_KEYS = ("path", "face", "status", "box", "label", "confidence", "uncertain", "probabilities",
+            "landmarks", "detection_score")
+
+#: The 5 landmarks of dlib's 5-point model, in its order: the corners of the eye on the picture's
+#: right (the person's left eye), then of the eye on the picture's left, then the bottom of the nose.
+#: Left and right are as seen in the picture.
+LANDMARK_NAMES = ("right_eye_outer", "right_eye_inner", "left_eye_outer", "left_eye_inner", "nose")
 
 
 @dataclass(frozen=True)
 class FaceResult:
-    """One face: box [x, y, w, h] and 5 landmarks in image pixels, and its classification.
+    """One face: box [x, y, w, h] and 5 landmarks (LANDMARK_NAMES) in image pixels, the
+    detector's score, and its classification.
 
     `label` is always the most probable class; `uncertain` is true when `confidence`
     (its probability) is below the model's threshold. Faces smaller than the minimum
@@ -44,11 +52,11 @@ class FaceResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of every field."""
+        """Plain JSON-ready dict of every field; landmarks by name ({"nose": [x, y], ...}, None if not located)."""
         return {
             "status": self.status,
             "box": list(self.box),
-            "landmarks": [list(p) for p in self.landmarks],
+            "landmarks": dict(zip(LANDMARK_NAMES, (list(p) for p in self.landmarks))) or None,
             "detection_score": self.detection_score,
             "label": self.label,
             "confidence": self.confidence,

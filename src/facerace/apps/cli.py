@@ -10,12 +10,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from facerace.errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
+from facerace.textout import printable
 
 if TYPE_CHECKING:
     from facerace.head import HeadParams
+    from facerace.results import ImageResult
     from facerace.training.config import TrainConfig
 
 USAGE_ERRORS = (InvalidParameterError, DatasetError, ModelNotFoundError)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help unless the help already says it (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,9 +46,11 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="find every face and predict its race category")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
-    pr.add_argument("--format", choices=FORMATS, help="output format (default: table on a terminal, else jsonl)")
+    pr.add_argument("--format", choices=FORMATS, help="output format (default: from the --output file's extension "
+                    ".csv .jsonl .json .txt; else a table on a terminal and jsonl otherwise)")
     pr.add_argument("--output", "-o", type=Path, help="write rows to this file instead of stdout")
-    pr.add_argument("--annotate", type=Path, metavar="DIR", help="save copies with boxes and labels drawn here")
+    pr.add_argument("--annotate", type=Path, metavar="DIR",
+                    help="save copies with boxes and labels drawn here, in the inputs' folder structure")
     pr.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
     pr.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
     pr.add_argument("--threshold", type=float, help="confidence below which a face is uncertain (default: the model's)")
@@ -67,10 +81,11 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score a model on a labelled dataset split")
     ev.add_argument("--model", default="default", help="shipped model name or model/run folder")
-    ev.add_argument("--data", required=True, metavar="KIND:PATH")
+    ev.add_argument("--data", required=True, metavar="KIND:PATH",
+                    help="labelled dataset, e.g. fairface:data/fairface, utkface:data/UTKFace or csv:labels.csv")
     ev.add_argument("--split", default="val", help="dataset split (default val; utkface has one: all)")
     ev.add_argument("--scheme", help="scheme to score in (default: finest both label sets map onto)")
-    ev.add_argument("--out", type=Path, help="run folder to create (default runs/evaluate/expN)")
+    _run_folder(ev, "runs/evaluate/expN")
     _data_columns(ev)
     _common(ev)
 
@@ -78,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stream", help="label faces live in a webcam, video file or stream URL")
     st.add_argument("--source", default="0", help="webcam index, video file or URL (default 0)")
-    st.add_argument("--output", type=Path, help="write the annotated video here (.mp4)")
+    st.add_argument("--output", "-o", type=Path, help="write the annotated video here (.mp4)")
     st.add_argument("--display", action=argparse.BooleanOptionalAction, default=False,
                     help="show a window (needs a screen; default off)")
     st.add_argument("--classify-every", type=int, default=5, help="re-classify each face every N frames")
@@ -90,8 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--threshold", type=float, help="confidence below which a face is uncertain")
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
     sv.add_argument("--model", default="default", help="shipped model name or model/run folder")
     sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
@@ -103,8 +118,27 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("data", metavar="KIND:PATH", help="e.g. fairface:data/fairface, utkface:data/UTKFace")
     ck.add_argument("--path-column", default="path", help="csv: datasets: the column of image paths")
     ck.add_argument("--label-column", default="label", help="csv: datasets: the column of labels")
-    ck.add_argument("--quiet", action="store_true", help="no progress bars")
+    _finish(p)
     return p
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Give every verb (sub-parsers included) the same help layout, defaults shown, and `--quiet`."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb in action.choices.values():
+                if not verb._subparsers and "--quiet" not in verb._option_string_actions:
+                    verb.add_argument("--quiet", "-q", action="store_true",
+                                      help="no progress bars or notes on stderr (results and errors still appear)")
+                _finish(verb)
+
+
+def _run_folder(p: argparse.ArgumentParser, default: str) -> None:
+    """`-o/--output RUN`: the run folder to create; `--out` is kept as a hidden alias."""
+    p.add_argument("--output", "-o", dest="out", type=Path, metavar="RUN",
+                   help=f"run folder to create (default {default})")
+    p.add_argument("--out", dest="out", type=Path, help=argparse.SUPPRESS)
 
 
 def _train_options(p: argparse.ArgumentParser, config: TrainConfig, head: HeadParams) -> None:
@@ -115,7 +149,7 @@ def _train_options(p: argparse.ArgumentParser, config: TrainConfig, head: HeadPa
     p.add_argument("--data", action="append", metavar="KIND:PATH",
                    help="dataset, e.g. fairface:data/fairface or utkface:data/UTKFace (repeatable)")
     p.add_argument("--scheme", help=f"label scheme to train (default {config.scheme})")
-    p.add_argument("--out", type=Path, help="run folder to create (default runs/train/expN)")
+    _run_folder(p, "runs/train/expN")
     p.add_argument("--split", help=f"dataset split to train on (default {config.split})")
     p.add_argument("--val-fraction", type=float, help=f"held-out validation share (default {config.val_fraction})")
     p.add_argument("--seed", type=int, help=f"seed of the split, the head and fine-tuning (default {config.seed})")
@@ -158,66 +192,110 @@ def _data_columns(p: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="embedding cache folder (default $FACERACE_CACHE or ~/.cache/facerace)")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; exit status 0 done, 1 failed, 2 usage error, 130 Ctrl-C, 141 stdout closed early."""
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is written escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets,
                  "serve": _serve, "stream": _stream,
                  "embed": _embed, "export": _export}
         return verbs[args.command](args)
     except USAGE_ERRORS as exc:
-        print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"facerace {args.command}: error: {exc}")
         return 2
     except FaceraceError as exc:
-        print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"facerace {args.command}: error: {exc}")
         return 1
+    except BrokenPipeError:  # the reader went away (`facerace predict DIR | head -1`): stop quietly, as cat does
+        _discard_stdout()
+        return 141
     except OSError as exc:  # an output file that cannot be written, a full disk, ...
-        print(f"facerace {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"facerace {args.command}: error: {exc}")
         return 1
     except KeyboardInterrupt as exc:
-        print(f"facerace {args.command}: interrupted ({exc or 'finished work was kept'})", file=sys.stderr)
+        _say(f"facerace {args.command}: interrupted ({exc or 'finished work was kept'})")
         return 130
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _say(text: str, *, quiet: bool = False) -> None:
+    """A message for the person at the terminal, on stderr, control characters of file names escaped."""
+    if not quiet:
+        print(printable(text, keep_newlines=True), file=sys.stderr)
 
-    from facerace.apps.draw import annotate
-    from facerace.apps.output import RowWriter
+
+def _show(text: str) -> None:
+    """A human-readable result on stdout (summaries, reports), control characters of file names escaped."""
+    print(printable(text, keep_newlines=True))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush into the closed pipe stays silent."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (tests' StringIO)
+        pass
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from contextlib import closing
+
+    from facerace.apps.draw import annotation_paths
+    from facerace.apps.output import RowWriter, output_format
     from facerace.apps.sources import expand
-    from facerace.images import load_image
     from facerace.predictor import Predictor
     from facerace.results import ImageResult
+    from facerace.textout import progress_bar
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold,
                           min_face=args.min_face)
     predictor.validate()  # model, scheme, detector and threshold, before any work
+    fmt = output_format(args.format, args.output, sys.stdout.isatty())
     sources = expand(args.paths, column=args.column, root=args.root)
     good = [s.path for s in sources if s.error is None]
-    results = iter(predictor.predict_paths(good, workers=args.workers))
+    pictures = annotation_paths(good, args.annotate) if args.annotate else {}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-    stream = open(args.output, "w", newline="") if args.output else sys.stdout
-    fmt = args.format or ("table" if stream.isatty() else "jsonl")
+    stream = open(args.output, "w", newline="", errors="backslashreplace") if args.output else sys.stdout
     writer = RowWriter(stream, fmt, predictor.classes)
-    if args.annotate:
-        args.annotate.mkdir(parents=True, exist_ok=True)
+    drawn = 0
     try:
-        for source in tqdm(sources, desc="predicting", unit="img", disable=None if len(sources) > 1 else True):
-            result = ImageResult(path=source.path, error=source.error) if source.error else next(results)
-            for row in result.rows():
-                writer.write(row)
-            if args.annotate and result.status != "error":
-                name = str(Path(result.path)).strip("/").replace("/", "__")
-                annotate(load_image(result.path), result.faces).save(args.annotate / (Path(name).stem + ".jpg"))
+        with closing(predictor.predict_paths(good, workers=args.workers)) as results:
+            for source in progress_bar(sources, quiet=args.quiet or len(sources) < 2, desc="predicting", unit="img"):
+                result = ImageResult(path=source.path, error=source.error) if source.error else next(results)
+                for row in result.rows():
+                    writer.write(row)
+                if args.annotate and result.status != "error":
+                    drawn += _draw(result, pictures[result.path])
     finally:
         writer.close()
         if args.output:
             stream.close()
+    if args.annotate:
+        _say(f"{drawn} annotated picture(s) in {args.annotate}, in the folder structure of the inputs",
+             quiet=args.quiet)
     return 0
+
+
+def _draw(result: ImageResult, target: Path) -> int:
+    """Save `result`'s picture with its faces drawn at `target`; 1 if saved, 0 if the file became unreadable."""
+    from facerace.apps.draw import annotate, save_picture
+    from facerace.errors import ImageError
+    from facerace.images import load_image
+
+    try:
+        rgb = load_image(result.path)
+    except ImageError:  # changed or deleted since it was analysed; its row is written
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_picture(annotate(rgb, result.faces), target)
+    return 1
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -228,12 +306,12 @@ def _embed(args: argparse.Namespace) -> int:
                           backbone_weights=args.backbone_weights, min_face=args.min_face)
     predictor.validate()
     sources = expand(args.paths, column=args.column, root=args.root)
-    result = embed([s.path for s in sources if s.error is None], predictor, progress=True)
+    result = embed([s.path for s in sources if s.error is None], predictor, progress=not args.quiet)
     errors = [f"{s.path}: {s.error}" for s in sources if s.error] + list(result.errors)
     result = dataclasses.replace(result, errors=tuple(errors))
     result.save(args.output)
-    print(f"{len(result.paths)} face(s) from {len(sources) - len(errors)} image(s) -> {args.output}"
-          + (f"; {len(errors)} unreadable: " + "; ".join(errors[:3]) if errors else ""), file=sys.stderr)
+    _say(f"{len(result.paths)} face(s) from {len(sources) - len(errors)} image(s) -> {args.output}"
+         + (f"; {len(errors)} unreadable: " + "; ".join(errors[:3]) if errors else ""), quiet=args.quiet)
     return 0
 
 
@@ -250,7 +328,7 @@ def _train(args: argparse.Namespace) -> int:
                     quiet=args.quiet)
     metrics = json.loads((run / "metrics.json").read_text())
     v = metrics["validation"]
-    print(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
+    _show(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
           f"held-out validation: accuracy {v['accuracy']:.3f}, macro-F1 {v['macro_f1']:.3f}, "
           f"loss {v['loss']:.3f}, ECE {v['ece']:.3f}; best epoch {metrics['best_epoch']}; "
           f"threshold {metrics['threshold']:.3f}")
@@ -263,14 +341,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     run, m = evaluate(args.model, args.data, split=args.split, scheme=args.scheme, out=args.out,
                       path_column=args.path_column, label_column=args.label_column,
                       cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
-    print(f"{m['data']['spec']} ({m['data']['split']}), scheme {m['scheme']}, n={m['n']}")
+    _show(f"{m['data']['spec']} ({m['data']['split']}), scheme {m['scheme']}, n={m['n']}")
     print(f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  loss {m['loss']:.3f}  ECE {m['ece']:.3f}")
     print(f"{'class':<18}{'precision':>10}{'recall':>8}{'f1':>7}{'support':>9}")
     for name, c in m["per_class"].items():
         print(f"{name:<18}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>7.3f}{c['support']:>9}")
     if m["merged"]:
         print("merged classes: " + "; ".join(f"{k} <- {', '.join(v)}" for k, v in m["merged"].items()))
-    print(f"run folder: {run}")
+    _show(f"run folder: {run}")
     return 0
 
 
@@ -281,7 +359,7 @@ def _export(args: argparse.Namespace) -> int:
     config = load_config(args.model)
     path = export_onnx(args.model, args.output)
     size = config.chip_size
-    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB): input chips (n, {size}, {size}, 3) uint8 RGB, aligned "
+    _show(f"{path} ({path.stat().st_size / 1e6:.1f} MB): input chips (n, {size}, {size}, 3) uint8 RGB, aligned "
           f"with padding {config.chip_padding} -> probabilities (n, {len(config.classes)}) over "
           f"{', '.join(config.classes)}")
     return 0
@@ -292,7 +370,7 @@ def _models(args: argparse.Namespace) -> int:
 
     for m in list_models():
         acc = ", ".join(f"{k} {v}" for k, v in m["metrics"].items())
-        print(f"{m['name']}  (version {m['version']}, {m['backbone']} + {m['detector']} detector)\n"
+        _show(f"{m['name']}  (version {m['version']}, {m['backbone']} + {m['detector']} detector)\n"
               f"  classes: {', '.join(m['classes'])}\n  trained on: {m['trained_on']}\n  measured: {acc}\n"
               f"  uncertain below confidence {m['threshold']}\n  {m['path']}")
     return 0
@@ -306,10 +384,10 @@ def _stream(args: argparse.Namespace) -> int:
     predictor.validate()
     for _ in stream(args.source, predictor, output=args.output, display=args.display,
                     classify_every=args.classify_every, smooth=args.smooth, max_frames=args.max_frames,
-                    report_every_s=2.0):
+                    report_every_s=None if args.quiet else 2.0):
         pass
     if args.output:
-        print(f"annotated video: {args.output}", file=sys.stderr)
+        _say(f"annotated video: {args.output}", quiet=args.quiet)
     return 0
 
 
@@ -323,9 +401,9 @@ def _serve(args: argparse.Namespace) -> int:
     load_config(args.model)  # a missing model is a usage error, before the server starts
     os.environ.update(FACERACE_MODEL=str(args.model), FACERACE_MAX_UPLOAD_BYTES=str(int(args.max_upload_mb * 2**20)),
                       FACERACE_TIMEOUT_S=str(args.timeout))
-    print(f"facerace serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops", file=sys.stderr)
+    _say(f"facerace serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops", quiet=args.quiet)
     uvicorn.run("facerace.apps.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="warning")
+                workers=args.workers, log_level="error" if args.quiet else "warning")
     return 0
 
 
@@ -335,14 +413,14 @@ def _datasets(args: argparse.Namespace) -> int:
     report = check_dataset(args.data, path_column=args.path_column, label_column=args.label_column,
                            progress=not args.quiet)
     for split, r in report["splits"].items():
-        print(f"{args.data} split {split}: {r['images']} readable images, scheme {r['scheme']}")
+        _show(f"{args.data} split {split}: {r['images']} readable images, scheme {r['scheme']}")
         for key in ("per_class", "per_gender", "per_age"):
             if r[key]:
-                print(f"  {key.removeprefix('per_')}: " + ", ".join(f"{k} {v}" for k, v in r[key].items()))
+                _show(f"  {key.removeprefix('per_')}: " + ", ".join(f"{k} {v}" for k, v in r[key].items()))
     problems = report["problems"]
     print(f"{len(problems)} problem(s)" + (":" if problems else ""))
     for line in problems:
-        print(f"  {line}")
+        _show(f"  {line}")
     return 1 if problems else 0
 
 

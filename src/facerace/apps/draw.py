@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from facerace.errors import InvalidParameterError
 from facerace.results import FaceResult
 
 COLOURS = {"certain": (46, 204, 113), "uncertain": (241, 196, 15), "too_small": (160, 160, 160)}
@@ -34,3 +37,31 @@ def annotate(rgb: np.ndarray, faces: Sequence[FaceResult]) -> Image.Image:
         draw.rectangle([x, ty, x + (right - left) + 2 * width, ty + (bottom - top) + 2 * width], fill=colour)
         draw.text((x + width, ty + width - (top - y)), text, fill=(0, 0, 0), font=font)
     return img
+
+
+def annotation_paths(paths: Sequence[str], folder: Path) -> dict[str, Path]:
+    """Where `--annotate FOLDER` saves each image's picture: FOLDER / its path relative to the folder
+    holding all the inputs, so `a/x.jpg` and `a/x.png`, or `a__b/c.jpg` and `a/b__c.jpg`, stay apart
+    and keep their extension. Raises InvalidParameterError if a picture would overwrite an input."""
+    resolved = {p: Path(p).resolve() for p in paths}
+    if not resolved:
+        return {}
+    base = Path(os.path.commonpath([r.parent for r in resolved.values()]))
+    targets = {p: folder / r.relative_to(base) for p, r in resolved.items()}
+    inputs = set(resolved.values())
+    clash = next((t for t in targets.values() if t.resolve() in inputs), None)
+    if clash is not None:
+        raise InvalidParameterError(f"--annotate {folder} would overwrite the input {clash}: "
+                                    "choose a folder outside the inputs")
+    return targets
+
+
+def save_picture(img: Image.Image, target: Path) -> Path:
+    """Save `img` at `target` in the format of its extension, or as `target` + ".png" where Pillow
+    cannot write that format (e.g. .heic); returns the path written."""
+    try:
+        img.save(target)
+    except (KeyError, ValueError):  # no writer for this extension
+        target = target.with_name(target.name + ".png")
+        img.save(target)
+    return target

@@ -276,16 +276,15 @@ def check_dataset(spec: str, *, path_column: str = "path", label_column: str = "
     """Counts per split, class, gender and age group, and every missing, unreadable or mislabelled file."""
     from collections import Counter
 
-    from tqdm import tqdm
-
     from facerace.errors import ImageError
     from facerace.images import load_image
+    from facerace.textout import progress_bar
 
     report: dict = {"spec": spec, "splits": {}, "problems": []}
     for split in dataset_splits(spec):
         ds = open_dataset(spec, split, path_column=path_column, label_column=label_column)
         unreadable = []
-        for s in tqdm(ds.samples, desc=f"checking {split}", unit="img", disable=not progress, leave=False):
+        for s in progress_bar(ds.samples, quiet=not progress, desc=f"checking {split}", unit="img", leave=False):
             try:
                 load_image(s.path)
             except ImageError as exc:

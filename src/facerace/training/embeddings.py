@@ -17,6 +17,7 @@ from facerace.faces import FacePipeline
 from facerace.files import sha256_file
 from facerace.images import load_image
 from facerace.parallel import ordered_map, worker_count
+from facerace.textout import progress_bar
 from facerace.training.cache import EmbeddingCache
 
 
@@ -70,17 +71,15 @@ def embed_files(
     Results are committed to the cache every `batch` images (default 16 per worker), so an
     interrupted run loses at most one batch.
     """
-    from tqdm import tqdm
-
     cache = EmbeddingCache(cache_dir)
     key = embedder.cache_key
-    digests = [sha256_file(p) for p in tqdm(paths, desc="hashing", disable=not progress, leave=False)]
+    digests = [sha256_file(p) for p in progress_bar(paths, quiet=not progress, desc="hashing", leave=False)]
     found = cache.get_many(key, sorted(set(digests)))
     todo = sorted({d: i for i, d in enumerate(digests) if d not in found}.values())
     failed: dict[str, str] = {}
     batch = batch or 16 * worker_count(workers, len(todo))
     outputs = ordered_map(embedder, [str(paths[i]) for i in todo], workers=workers, chunksize=4)
-    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
+    with progress_bar(total=len(todo), quiet=not progress or not todo, desc=desc, unit="img") as bar:
         try:
             done: list[tuple[str, np.ndarray, bool]] = []
             for n, (i, (vector, detected, error)) in enumerate(zip(todo, outputs), start=1):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 from facerace.errors import DatasetError
 from facerace.labels import MAPPINGS, convert_label, convert_probabilities, get_scheme
 from facerace.model import load_model, model_pipeline
+from facerace.textout import CsvWriter
 from facerace.training.datasets import AGE_GROUPS, open_dataset
 from facerace.training.embeddings import CropEmbedder, embed_files
 from facerace.training.metrics import classification_metrics, group_metrics, reliability
@@ -89,8 +89,8 @@ def evaluate(
     report = [f"# Evaluation of model `{config.name}` ({model})", "", *evaluation_markdown(metrics),
               "![confusion matrices](confusion.png)", "", "![reliability diagram](reliability.png)", ""]
     (run / "report.md").write_text("\n".join(report))
-    with open(run / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    with open(run / "predictions.csv", "w", newline="", errors="backslashreplace") as f:
+        w = CsvWriter(f)
         w.writerow(["path", "true", "predicted", "confidence", *classes])
         for s, t, p, row in zip(samples, y, y_pred, probs):
             w.writerow([s.path, classes[t], classes[p], round(float(row[p]), 4), *(round(float(v), 4) for v in row)])

@@ -27,6 +27,7 @@ from facerace.files import default_cache_dir, sha256_file
 from facerace.head import History, RaceHead, fit_temperature, softmax
 from facerace.images import load_image
 from facerace.parallel import ordered_map, worker_count
+from facerace.textout import progress_bar
 from facerace.training.augment import view
 from facerace.training.config import TrainConfig
 
@@ -119,8 +120,6 @@ def compute_views(paths: Sequence[str], digests: Sequence[str], face_paddings: S
                   desc: str = "frozen layers") -> FeatureStore:
     """The FeatureStore of `paths`, computing (on all cores) the rows not already on disk."""
     import torch
-    from tqdm import tqdm
-
     key = hashlib.sha256("\n".join([activations.cache_key, *digests, *map(str, face_paddings)]).encode()
                          ).hexdigest()[:20]
     prefix, normalise = activations.prefix()  # with one worker, this computes the views below too
@@ -133,7 +132,7 @@ def compute_views(paths: Sequence[str], digests: Sequence[str], face_paddings: S
     batch = 32 * worker_count(workers, len(todo))
     items = [(str(paths[i]), int(digests[i][:15], 16), face_paddings[i]) for i in todo]
     outputs = ordered_map(activations, items, workers=workers, chunksize=4)
-    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not len(todo)) as bar:
+    with progress_bar(total=len(todo), quiet=not progress or not len(todo), desc=desc, unit="img") as bar:
         try:
             for n, (i, (features, detected, error)) in enumerate(zip(todo, outputs), start=1):
                 if error is None:  # unreadable images stay not done, and are counted by the caller

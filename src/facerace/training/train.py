@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from facerace.backbones import BACKBONES, InputSpec, create_backbone, create_network, fine_tunable
 from facerace.errors import DatasetError, InvalidParameterError, TrainingInterrupted
@@ -18,6 +16,7 @@ from facerace.files import sha256_file
 from facerace.head import RaceHead
 from facerace.labels import convert_label, get_scheme
 from facerace.model import ModelConfig, save_model
+from facerace.textout import CsvWriter, progress_bar
 from facerace.training.config import TrainConfig
 from facerace.training.datasets import Dataset, Sample, open_dataset
 from facerace.training.embeddings import CropEmbedder, embed_files
@@ -85,7 +84,7 @@ def load_views(config: TrainConfig, activations: ViewActivations, *, cache_dir=N
     for spec, ds, keep in labelled(config):
         spans.append((spec, ds, keep, len(paths)))
         paths += [str(s.path) for s in keep]
-        digests += [sha256_file(s.path) for s in tqdm(keep, desc="hashing", disable=quiet, leave=False)]
+        digests += [sha256_file(s.path) for s in progress_bar(keep, quiet=quiet, desc="hashing", leave=False)]
         paddings += [ds.face_padding] * len(keep)
         ys += [classes.index(convert_label(s.label, ds.scheme, config.scheme)) for s in keep]
     store = compute_views(paths, digests, paddings, activations, cache_dir=cache_dir, workers=workers,
@@ -147,7 +146,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
         tr, va = stratified_split(y, config.val_fraction, config.seed)
     y_val, tuned = y[va], None
     seconds = {"data": time.perf_counter() - started}
-    with tqdm(total=params.max_epochs, desc="training", unit="epoch", disable=quiet) as bar:
+    with progress_bar(total=params.max_epochs, quiet=quiet, desc="training", unit="epoch") as bar:
         def on_epoch(epoch, h):
             bar.n = epoch + 1
             bar.set_postfix(train=f"{h.train_loss[-1]:.3f}", val=f"{h.val_loss[-1]:.3f}", best=h.best_epoch + 1)
@@ -188,7 +187,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
     h = head.history_
     plot_loss(h.train_loss, h.val_loss, h.best_epoch, run / "loss.png")
     with open(run / "history.csv", "w", newline="") as f:
-        w = csv.writer(f)
+        w = CsvWriter(f)
         w.writerow(["epoch", "train_loss", "val_loss", "val_accuracy"])
         for i, row in enumerate(zip(h.train_loss, h.val_loss, h.val_accuracy), start=1):
             w.writerow([i, *(round(v, 5) for v in row)])

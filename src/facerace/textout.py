@@ -1,0 +1,96 @@
+"""Text that leaves facerace: CSV cells a spreadsheet will not run, terminal text without
+control characters, and progress bars only on a terminal."""
+
+from __future__ import annotations
+
+import csv
+import unicodedata
+from typing import IO, Any, Iterable, Mapping, Sequence
+
+#: A CSV cell starting with one of these is a formula to a spreadsheet (OWASP's list).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+#: Invisible characters that reorder the text around them on a terminal (bidirectional controls).
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` safe for a spreadsheet: a string starting with = + - @ tab or CR gets a leading `'`
+    (the OWASP rule); numbers and everything else are returned unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+class CsvWriter:
+    """`csv.writer` whose every string cell goes through `csv_cell`; the only way facerace writes CSV.
+
+    Rows are sequences, or dicts when `fieldnames` is given (like `csv.DictWriter`; missing keys
+    are empty cells)."""
+
+    def __init__(self, stream: IO[str], fieldnames: Sequence[str] | None = None) -> None:
+        self._writer = csv.writer(stream, lineterminator="\n")
+        self.fieldnames = tuple(fieldnames) if fieldnames is not None else None
+
+    def writeheader(self) -> None:
+        if self.fieldnames is None:
+            raise TypeError("writeheader() needs the fieldnames given to CsvWriter")
+        self.writerow(self.fieldnames)
+
+    def writerow(self, row: Iterable[Any] | Mapping[str, Any]) -> None:
+        if isinstance(row, Mapping):
+            if self.fieldnames is None:
+                raise TypeError("dict rows need the fieldnames given to CsvWriter")
+            row = [row.get(name) for name in self.fieldnames]
+        self._writer.writerow([csv_cell(v) for v in row])
+
+    def writerows(self, rows: Iterable[Iterable[Any] | Mapping[str, Any]]) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
+def printable(text: object, *, keep_newlines: bool = False) -> str:
+    """`text` for a terminal: control characters (escape sequences, CR, backspace, ...), bidirectional
+    controls and undecodable bytes of file names shown as Python escapes (`\\x1b`, `\\u202e`), so a
+    file name cannot move the cursor, recolour or rewrite what is shown. `keep_newlines` keeps `\\n`
+    (for messages of several lines)."""
+    out = []
+    for ch in str(text):
+        if ch == "\n" and keep_newlines:
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":  # a byte of a file name that is not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch in _BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Cs"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: wide (CJK) characters 2, combining marks 0, others 1."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def fit(text: str, width: int, *, keep: str = "start") -> str:
+    """`text` cut to at most `width` terminal columns with `…` where it was cut (keeping its
+    start, or with keep="end" its end, e.g. a path's file name), padded to `width`."""
+    if display_width(text) > width:
+        chars = list(text) if keep == "start" else list(reversed(text))
+        kept: list[str] = []
+        used = 1  # the ellipsis
+        for ch in chars:
+            used += display_width(ch)
+            if used > width:
+                break
+            kept.append(ch)
+        text = "".join(kept) + "…" if keep == "start" else "…" + "".join(reversed(kept))
+    return text + " " * (width - display_width(text))
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, quiet: bool = False, **kwargs: Any):
+    """A tqdm bar on stderr, shown only when stderr is a terminal and not `quiet`."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=True if quiet else None, **kwargs)
