@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,6 +23,7 @@ from facerace.apps.output import TABLE_COLUMNS, table_line
 from facerace.results import LANDMARK_NAMES, ROW_KEYS
 from facerace.textout import CsvWriter, csv_cell, display_width, printable, progress_bar
 
+from conftest import fixture_labels
 from test_cli import run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "facerace"
@@ -39,6 +41,7 @@ def test_csv_cell_neutralises_formulas_and_keeps_numbers():
     for text in HOSTILE:
         assert csv_cell(text) == "'" + text
     assert [csv_cell(v) for v in ("a.jpg", "White", 0.25, -3, None, True)] == ["a.jpg", "White", 0.25, -3, None, True]
+    assert csv_cell(Path("-1+2.jpg")) == "'-1+2.jpg" and csv_cell(np.int64(-3)) == -3  # paths are text, numpy numbers
 
 
 def test_predict_csv_cells_cannot_run_in_a_spreadsheet(faces, tmp_path, monkeypatch):
@@ -52,6 +55,21 @@ def test_predict_csv_cells_cannot_run_in_a_spreadsheet(faces, tmp_path, monkeypa
     assert not [c for row in rows for c in row if c.startswith(("=", "+", "@", "\t", "\r", "-"))]
     face = rows[-1]
     assert face[2] == "ok" and 0 < float(face[header.index("confidence")]) <= 1  # numbers stay numbers
+
+
+def test_evaluate_predictions_csv_cannot_run_in_a_spreadsheet(faces, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = ["path,label"]
+    for i, (src, row) in enumerate(zip(faces, fixture_labels())):
+        shutil.copy(src, tmp_path / f"{HOSTILE[i % 4]}{i}.jpg")
+        lines.append(f'"{HOSTILE[i % 4].replace(chr(34), chr(34) * 2)}{i}.jpg",{row["race"]}')
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    code, _, err = run("evaluate", "--data", "csv:labels.csv", "-o", "run", "--cache-dir", "cache", "--workers", "1",
+                       "--quiet")
+    assert code == 0, err
+    rows = list(csv.DictReader(open("run/predictions.csv", newline="")))
+    assert len(rows) == len(faces) and all(r["path"].startswith("'") for r in rows)
+    assert all(0 < float(r["confidence"]) <= 1 for r in rows)
 
 
 def test_every_csv_is_written_through_the_one_safe_writer():

@@ -4,6 +4,7 @@ control characters, and progress bars only on a terminal."""
 from __future__ import annotations
 
 import csv
+import numbers
 import unicodedata
 from typing import IO, Any, Iterable, Mapping, Sequence
 
@@ -15,11 +16,13 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u20
 
 
 def csv_cell(value: Any) -> Any:
-    """`value` safe for a spreadsheet: a string starting with = + - @ tab or CR gets a leading `'`
-    (the OWASP rule); numbers and everything else are returned unchanged."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return value
+    """`value` safe for a spreadsheet: numbers (numpy's too) and None unchanged; anything else is
+    written as text (paths included), with a leading `'` if it starts with = + - @ tab or CR (the
+    OWASP rule)."""
+    if value is None or isinstance(value, numbers.Number):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 class CsvWriter:

@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--model", default="default", help="shipped model name or model/run folder")
     st.add_argument("--scheme", help="label scheme (default: the model's)")
     st.add_argument("--detector", help="face detector (default: the model's)")
-    st.add_argument("--threshold", type=float, help="confidence below which a face is uncertain")
+    st.add_argument("--threshold", type=float, help="confidence below which a face is uncertain (default: the model's)")
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
