@@ -150,6 +150,11 @@ def test_an_unknown_extension_needs_format(tmp_path):
     assert code == 0 and (tmp_path / "faces.xlsx").read_text().startswith("path,")
 
 
+def test_embed_refuses_an_output_numpy_would_rename(tmp_path):
+    code, _, err = run("embed", _not_an_image(tmp_path, "bad.jpg"), "-o", tmp_path / "faces.csv")
+    assert code == 2 and ".npz" in err and not list(tmp_path.glob("faces*"))
+
+
 # ---- a closed stdout -------------------------------------------------------------------------
 class _ClosedAfterOneLine(io.StringIO):
     def write(self, text: str) -> int:

@@ -305,6 +305,8 @@ def _embed(args: argparse.Namespace) -> int:
     predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone,
                           backbone_weights=args.backbone_weights, min_face=args.min_face)
     predictor.validate()
+    if args.output.suffix.lower() != ".npz":  # numpy would write OUTPUT.npz, not the file named
+        raise InvalidParameterError(f"embed writes a NumPy .npz file: name it *.npz, not {args.output}")
     sources = expand(args.paths, column=args.column, root=args.root)
     result = embed([s.path for s in sources if s.error is None], predictor, progress=not args.quiet)
     errors = [f"{s.path}: {s.error}" for s in sources if s.error] + list(result.errors)
