@@ -1,12 +1,16 @@
 """`facerace stream` on a short video built from real faces moving across the frame."""
 
+import json
+
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from facerace.apps.cli import main
-from facerace.apps.stream import Tracker, iou, stream
+from facerace.apps.draw import annotate
+from facerace.apps.stream import STREAM_KEYS, Tracker, iou, stream
+from facerace.results import FaceResult
 from facerace.detect import Detection
 
 FRAMES = 24
@@ -50,8 +54,45 @@ def test_tracks_follow_faces_with_stable_labels(video, tmp_path):
 def test_cli_stream_headless(video, tmp_path, capsys):
     out = tmp_path / "cli.mp4"
     assert main(["stream", "--source", str(video), "--output", str(out), "--no-display", "--max-frames", "10"]) == 0
-    assert out.stat().st_size > 0 and "frames/s" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert out.stat().st_size > 0 and "frames/s" in captured.err and captured.out == ""  # a video -o: no rows
     assert main(["stream", "--source", str(tmp_path / "missing.mp4")]) == 2
+    assert main(["stream", "--source", str(video), "-o", str(tmp_path / "rows.txt")]) == 2
+    assert ".jsonl" in capsys.readouterr().err
+
+
+def test_cli_stream_rows_per_frame_and_track(video, tmp_path, capsys):
+    """stream writes one JSON row per frame and track (it printed only the frame rate)."""
+    assert main(["stream", "--source", str(video), "--format", "jsonl", "--max-frames", "6", "--classify-every", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["frame"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert all(list(r) == list(STREAM_KEYS) for r in rows)
+    assert {r["track"] for r in rows} == {1, 2} and rows[0]["time_s"] == 0 and rows[2]["time_s"] == round(1 / 12, 3)
+    assert all(r["status"] == "ok" and r["label"] and 0 < r["confidence"] <= 1 and len(r["box"]) == 4 for r in rows)
+    out = tmp_path / "rows" / "tracks.jsonl"
+    assert main(["stream", "--source", str(video), "-o", str(out), "--max-frames", "2"]) == 0
+    assert len(out.read_text().splitlines()) == 4 and capsys.readouterr().out == ""
+    video_out = tmp_path / "labelled.mp4"  # rows on stdout beside the annotated video
+    assert main(["stream", "--source", str(video), "-o", str(video_out), "--format", "jsonl", "--max-frames", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4 and video_out.stat().st_size > 0
+
+
+def test_track_ids_are_drawn(face_rgb):
+    """The annotated video shows each face's track id before its label."""
+    face = FaceResult(box=(20, 40, 120, 120), label="White", confidence=0.9, uncertain=False,
+                      probabilities={"White": 0.9})
+    plain = np.asarray(annotate(face_rgb, [face]))
+    tagged = np.asarray(annotate(face_rgb, [face], tags=["#7"]))
+    assert not np.array_equal(plain, tagged)
+    assert np.array_equal(np.asarray(annotate(face_rgb, [face], tags=[])), plain)
+
+
+def test_unopenable_camera_is_one_clear_message(capfd):
+    """OpenCV's raw `[ WARN:0@...] cap_v4l ...` lines are hidden; facerace says what failed, once."""
+    assert main(["stream", "--source", "57"]) == 2
+    err = capfd.readouterr().err
+    assert "cannot open camera 57" in err and "WARN" not in err and "cap_" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_tracker_matches_by_iou():

@@ -44,6 +44,11 @@ class MissingDependencyError(FaceraceError, ImportError):
     """An optional package needed for this operation is not installed."""
 
 
+class FaceraceWarning(UserWarning):
+    """Something the user should know about a result (e.g. a model evaluated on its own training images);
+    the CLI prints it as `facerace VERB: warning: ...`."""
+
+
 def check_choice(name: str, value: str, allowed: list[str] | tuple[str, ...]) -> str:
     """Return `value` if it is in `allowed`, else raise InvalidParameterError with a hint."""
     if value in allowed:

@@ -10,12 +10,15 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from facerace.errors import ImageError
+from facerace.errors import ImageError, InvalidParameterError, check_choice
 
 ImageInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 #: Images with more pixels than this are refused (decompression-bomb guard): 50 megapixels.
 MAX_PIXELS = 50_000_000
+
+#: Channel orders of in-memory pixels: "rgb" (PIL, imageio, matplotlib) or "bgr" (OpenCV: cv2.imread, VideoCapture).
+COLORS = ("rgb", "bgr")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -33,18 +36,26 @@ def describe(image: ImageInput) -> str:
     return getattr(image, "name", "<file>")
 
 
-def load_image(image: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(image: ImageInput, *, max_pixels: int = MAX_PIXELS, color: str = "rgb") -> np.ndarray:
     """Return the image as an RGB uint8 array of shape (H, W, 3).
 
     Accepts a path, bytes, a binary file object, a PIL image or a numpy array
     (H x W gray, H x W x 3 RGB or H x W x 4 RGBA). EXIF orientation is applied once;
     every PIL mode is converted to RGB; the first frame of an animation is used.
+    `color` is the channel order of a numpy array: "rgb" (default) or "bgr" (OpenCV's
+    `cv2.imread` and `VideoCapture`, BGRA for 4 channels); files and PIL images are always
+    decoded as RGB, so "bgr" with them is refused (InvalidParameterError).
     Raises ImageError (naming the source and the reason) for anything that is not a
     readable image or has more than `max_pixels` pixels.
     """
     name = describe(image)
+    check_choice("color", color, COLORS)
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, name, max_pixels)
+        rgb = _array_to_rgb(image, name, max_pixels)
+        return np.ascontiguousarray(rgb[:, :, ::-1]) if color == "bgr" and image.ndim == 3 else rgb
+    if color != "rgb":
+        raise InvalidParameterError(f'color="{color}" describes numpy arrays (OpenCV\'s BGR pixels); {name} is '
+                                    f"{type(image).__name__}, which is decoded as RGB: drop color=")
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, name, max_pixels)
     if isinstance(image, (str, os.PathLike)):

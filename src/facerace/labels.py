@@ -85,6 +85,11 @@ def get_scheme(name: str) -> Scheme:
     return SCHEMES[check_choice("scheme", name, tuple(SCHEMES))]
 
 
+def reachable(source: str) -> tuple[str, ...]:
+    """`source` and every coarser scheme its probabilities map onto."""
+    return (source, *(t for s, t in MAPPINGS if s == source))
+
+
 def mapping(source: str, target: str) -> dict[str, str | None]:
     """Return the class table from scheme `source` to scheme `target` (identity if equal)."""
     get_scheme(source), get_scheme(target)

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ SHIPPED = ("default",)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "head.safetensors"
 TUNED_FILE = "backbone.safetensors"
+DIGESTS_FILE = "training_files.npy"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,15 @@ class ModelConfig:
     tuned_sha256: str = ""
     trained_on: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    training_files: str = ""
+    training_files_sha256: str = ""
+    caveat: str = ""
+
+    def threshold_for(self, scheme: str) -> float:
+        """The uncertainty threshold of `scheme`: its own when stored (coarser schemes have higher
+        probabilities), else the model's (`threshold`, for configs written before per-scheme ones)."""
+        return self.thresholds.get(scheme, self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -112,6 +122,20 @@ def tuned_file(model: str | Path, config: ModelConfig) -> Path | None:
     return _verified(resolve(model) / config.tuned, config.tuned_sha256) if config.tuned else None
 
 
+def training_digests(model: str | Path, config: ModelConfig) -> np.ndarray | None:
+    """The sorted 8-byte SHA-256 prefixes (uint64) of the images `model` was trained on (SHA-256 checked),
+    or None for a model saved without them."""
+    if not config.training_files:
+        return None
+    return np.load(_verified(resolve(model) / config.training_files, config.training_files_sha256),
+                   allow_pickle=False)
+
+
+def digest_prefixes(digests: Sequence[str]) -> np.ndarray:
+    """The uint64 prefixes (first 8 bytes) of hex SHA-256 digests, in order: how model folders store files."""
+    return np.array([int(d[:16], 16) for d in digests], dtype=np.uint64).reshape(-1)
+
+
 def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | None = None, min_face: int = MIN_FACE,
                    upsample: int = 1, backbone: str | None = None, backbone_weights: str | Path | None = None
                    ) -> FacePipeline:
@@ -126,9 +150,10 @@ def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | No
                         InputSpec(config.chip_size, config.chip_padding))
 
 
-def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None
-               ) -> ModelConfig:
-    """Write head weights, fine-tuned backbone layers (if any, as float16) and config (with SHA-256s) into `path`."""
+def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None,
+               training_files: Sequence[str] = ()) -> ModelConfig:
+    """Write head weights, fine-tuned backbone layers (if any, as float16), the digests of the training
+    images (`training_files`: hex SHA-256s, stored as 8-byte prefixes) and config (with SHA-256s) into `path`."""
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -138,13 +163,22 @@ def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str,
         # float16 halves the file (the package ships one); layers are computed in float32 after loading
         save_file({k: np.ascontiguousarray(v, np.float16) for k, v in tuned.items()}, str(path / TUNED_FILE))
         extra = {"tuned": TUNED_FILE, "tuned_sha256": sha256_file(path / TUNED_FILE)}
+    if training_files:
+        extra.update(write_training_digests(path, training_files))
     final = ModelConfig.from_dict({**config.to_dict(), "sha256": sha256_file(path / config.weights), **extra})
     (path / CONFIG_FILE).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
     return final
 
 
+def write_training_digests(path: Path, digests: Sequence[str]) -> dict[str, str]:
+    """Write the training images' digest prefixes into model folder `path`; the config entries naming the file."""
+    np.save(path / DIGESTS_FILE, np.unique(digest_prefixes(digests)), allow_pickle=False)
+    return {"training_files": DIGESTS_FILE, "training_files_sha256": sha256_file(path / DIGESTS_FILE)}
+
+
 def list_models() -> list[dict[str, Any]]:
-    """The shipped models: name, version, classes, backbone and measured accuracy."""
+    """The shipped models: name, version, classes, backbone, thresholds per scheme, measured accuracy and
+    the caveat of its model card (e.g. the data it was trained and measured on)."""
     out = []
     for name in SHIPPED:
         try:
@@ -153,5 +187,6 @@ def list_models() -> list[dict[str, Any]]:
             continue
         out.append({"name": name, "version": c.version, "scheme": c.scheme, "classes": list(c.classes),
                     "backbone": c.backbone, "detector": c.detector, "threshold": c.threshold,
-                    "trained_on": c.trained_on, "metrics": c.metrics, "path": str(shipped_dir(name))})
+                    "thresholds": {c.scheme: c.threshold, **c.thresholds}, "trained_on": c.trained_on,
+                    "caveat": c.caveat, "metrics": c.metrics, "path": str(shipped_dir(name))})
     return out

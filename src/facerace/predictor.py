@@ -32,7 +32,7 @@ class Predictor:
 
     Parameters are only stored here; the model, detector and backbone load on first use.
     `scheme` (default: the model's own) sums the model's probabilities into a coarser
-    scheme; `threshold` (default: the model's) marks faces below it as uncertain;
+    scheme; `threshold` (default: the model's for that scheme) marks faces below it as uncertain;
     `backbone` (default: the model's) changes the face network, for `embed_image`, or for
     prediction when it computes the same embeddings (e.g. dlib-resnet-v1 vs -onnx);
     `backbone_weights` is its weights file where it needs one (vggface).
@@ -110,8 +110,8 @@ class Predictor:
 
     @property
     def effective_threshold(self) -> float:
-        """Confidence below which a face is marked uncertain (this predictor's, else the model's)."""
-        return self.config.threshold if self.threshold is None else self.threshold
+        """Confidence below which a face is marked uncertain (this predictor's, else the model's for the scheme)."""
+        return self.config.threshold_for(self.scheme or self.config.scheme) if self.threshold is None else self.threshold
 
     def get_backbone(self) -> Backbone:
         """The face network in use (loaded on first call)."""
@@ -159,15 +159,17 @@ class Predictor:
         return probs
 
     # ---- whole images ------------------------------------------------------------
-    def predict_image(self, image: ImageInput, faces: Sequence[Detection] | None = None) -> ImageResult:
+    def predict_image(self, image: ImageInput, faces: Sequence[Detection] | None = None, *,
+                      color: str = "rgb") -> ImageResult:
         """Analyse one image; errors in the input become an ImageResult with `error` set.
 
-        `faces` skips detection: boxes [x, y, w, h] you found yourself.
+        `faces` skips detection: boxes [x, y, w, h] you found yourself. `color="bgr"`: a numpy
+        array in OpenCV's channel order (`cv2.imread`, `VideoCapture`), see `load_image`.
         """
         name = describe(image)
         t0 = time.perf_counter()
         try:
-            rgb = load_image(image, max_pixels=self.max_pixels)
+            rgb = load_image(image, max_pixels=self.max_pixels, color=color)
         except ImageError as exc:
             return ImageResult(path=name, error=exc.reason)
         t1 = time.perf_counter()
@@ -190,18 +192,19 @@ class Predictor:
         return ImageResult(path=name, faces=tuple(results), shape=rgb.shape[:2],
                            timings_ms={s: round(v * 1000, 2) for s, v in timings.items()})
 
-    def embed_image(self, image: ImageInput) -> tuple[list[Detection], np.ndarray]:
+    def embed_image(self, image: ImageInput, *, color: str = "rgb") -> tuple[list[Detection], np.ndarray]:
         """The faces (at least `min_face` px) of one image and their embeddings (n, dim).
 
-        Raises ImageError if the input is not a readable image.
+        Raises ImageError if the input is not a readable image. `color`: see `predict_image`.
         """
-        found = self.pipeline.faces(load_image(image, max_pixels=self.max_pixels))
+        found = self.pipeline.faces(load_image(image, max_pixels=self.max_pixels, color=color))
         return list(found.large), self.embed(found.chips)
 
-    def predict(self, images: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
-        """Analyse one image or an iterable of images; one ImageResult per image, in order."""
+    def predict(self, images: ImageInput | Iterable[ImageInput], *, color: str = "rgb") -> list[ImageResult]:
+        """Analyse one image or an iterable of images; one ImageResult per image, in order.
+        `color`: see `predict_image`."""
         single = isinstance(images, (str, os.PathLike, bytes, np.ndarray, Image.Image)) or hasattr(images, "read")
-        return [self.predict_image(im) for im in ([images] if single else images)]
+        return [self.predict_image(im, color=color) for im in ([images] if single else images)]
 
     __call__ = predict
 
@@ -271,14 +274,15 @@ _DEFAULT: dict[tuple, Predictor] = {}
 
 
 def analyze(image: ImageInput, scheme: str = "fairface7", *, detector: str | None = None,
-            threshold: float | None = None) -> list[FaceResult]:
+            threshold: float | None = None, color: str = "rgb") -> list[FaceResult]:
     """The faces in one image with their race probabilities, using the shipped default model.
 
     Raises ImageError if the input is not a readable image; returns [] if it has no face.
+    `color="bgr"`: a numpy array in OpenCV's channel order (`cv2.imread`), see `load_image`.
     """
     key = (scheme, detector, threshold)
     if key not in _DEFAULT:
         _DEFAULT[key] = Predictor("default", scheme=scheme, detector=detector, threshold=threshold)
     predictor = _DEFAULT[key]
-    rgb = load_image(image, max_pixels=predictor.max_pixels)
+    rgb = load_image(image, max_pixels=predictor.max_pixels, color=color)
     return list(predictor.predict_image(rgb).faces)

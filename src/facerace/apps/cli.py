@@ -93,7 +93,12 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stream", help="label faces live in a webcam, video file or stream URL")
     st.add_argument("--source", default="0", help="webcam index, video file or URL (default 0)")
-    st.add_argument("--output", "-o", type=Path, help="write the annotated video here (.mp4)")
+    st.add_argument("--output", "-o", type=Path,
+                    help="write the annotated video (.mp4, .avi, .mkv, .mov: boxes, labels, track ids) or the rows "
+                         "(.jsonl) to this file")
+    st.add_argument("--format", choices=("jsonl",), help="write one row per frame and track (frame, time_s, track, "
+                    "status, box, label, confidence, uncertain) to stdout, or to -o FILE.jsonl; the default "
+                    "without a video -o or --display")
     st.add_argument("--display", action=argparse.BooleanOptionalAction, default=False,
                     help="show a window (needs a screen; default off)")
     st.add_argument("--classify-every", type=int, default=5, help="re-classify each face every N frames")
@@ -200,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is written escaped, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    _print_warnings(args.command)
     try:
         verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets,
                  "serve": _serve, "stream": _stream,
@@ -226,6 +232,26 @@ def _say(text: str, *, quiet: bool = False) -> None:
     """A message for the person at the terminal, on stderr, control characters of file names escaped."""
     if not quiet:
         print(printable(text, keep_newlines=True), file=sys.stderr)
+
+
+def _print_warnings(command: str) -> None:
+    """Print facerace's own warnings, each time and even with --quiet, as `facerace VERB: warning: ...`
+    (other warnings as Python prints them)."""
+    import warnings
+
+    from facerace.errors import FaceraceWarning
+
+    default = getattr(warnings.showwarning, "python_default", warnings.showwarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FaceraceWarning):
+            _say(f"facerace {command}: warning: {message}")
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show.python_default = default
+    warnings.simplefilter("always", FaceraceWarning)
+    warnings.showwarning = show
 
 
 def _show(text: str) -> None:
@@ -332,8 +358,8 @@ def _train(args: argparse.Namespace) -> int:
     v = metrics["validation"]
     _show(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
           f"held-out validation: accuracy {v['accuracy']:.3f}, macro-F1 {v['macro_f1']:.3f}, "
-          f"loss {v['loss']:.3f}, ECE {v['ece']:.3f}; best epoch {metrics['best_epoch']}; "
-          f"threshold {metrics['threshold']:.3f}")
+          f"loss {v['loss']:.3f}, ECE {v['ece']:.3f}; best epoch {metrics['best_epoch']}\n"
+          f"uncertainty thresholds: " + ", ".join(f"{s} {t['threshold']:.3f}" for s, t in metrics["thresholds"].items()))
     return 0
 
 
@@ -343,11 +369,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     run, m = evaluate(args.model, args.data, split=args.split, scheme=args.scheme, out=args.out,
                       path_column=args.path_column, label_column=args.label_column,
                       cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
+    from facerace.training.modelcard import interval, rate
+
     _show(f"{m['data']['spec']} ({m['data']['split']}), scheme {m['scheme']}, n={m['n']}")
-    print(f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  loss {m['loss']:.3f}  ECE {m['ece']:.3f}")
-    print(f"{'class':<18}{'precision':>10}{'recall':>8}{'f1':>7}{'support':>9}")
+    print(f"accuracy {rate(m['correct'], m['n'], m['accuracy_ci95'])}  macro-F1 {m['macro_f1']:.3f}  "
+          f"loss {m['loss']:.3f}  ECE {m['ece']:.3f}")
+    print(f"uncertain (confidence < {m['threshold']}): {rate(m['uncertain'], m['n'], m['uncertain_ci95'])}; "
+          f"accuracy on the rest {rate(m['correct_when_certain'], m['certain'], m['accuracy_when_certain_ci95'])}")
+    print(f"{'class':<18}{'support':>8}  {'recall (95% CI)':<24}{'precision (95% CI)':<24}{'f1':>6}")
     for name, c in m["per_class"].items():
-        print(f"{name:<18}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>7.3f}{c['support']:>9}")
+        recall, precision = (f"{c[k]:.1%} ({interval(c[k + '_ci95'])})" for k in ("recall", "precision"))
+        print(f"{name:<18}{c['support']:>8}  {recall:<24}{precision:<24}{c['f1']:>6.3f}")
     if m["merged"]:
         print("merged classes: " + "; ".join(f"{k} <- {', '.join(v)}" for k, v in m["merged"].items()))
     _show(f"run folder: {run}")
@@ -372,24 +404,39 @@ def _models(args: argparse.Namespace) -> int:
 
     for m in list_models():
         acc = ", ".join(f"{k} {v}" for k, v in m["metrics"].items())
+        thresholds = ", ".join(f"{s} {t}" for s, t in m["thresholds"].items())
         _show(f"{m['name']}  (version {m['version']}, {m['backbone']} + {m['detector']} detector)\n"
-              f"  classes: {', '.join(m['classes'])}\n  trained on: {m['trained_on']}\n  measured: {acc}\n"
-              f"  uncertain below confidence {m['threshold']}\n  {m['path']}")
+              f"  classes: {', '.join(m['classes'])}\n  trained on: {m['trained_on']}\n"
+              + (f"  caveat: {m['caveat']}\n" if m["caveat"] else "") + f"  measured: {acc}\n"
+              f"  uncertain below confidence: {thresholds}\n  {m['path']}")
     return 0
 
 
 def _stream(args: argparse.Namespace) -> int:
-    from facerace.apps.stream import stream
+    from contextlib import nullcontext
+
+    from facerace.apps.stream import VIDEO_SUFFIXES, stream
     from facerace.predictor import Predictor
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold)
     predictor.validate()
-    for _ in stream(args.source, predictor, output=args.output, display=args.display,
-                    classify_every=args.classify_every, smooth=args.smooth, max_frames=args.max_frames,
-                    report_every_s=None if args.quiet else 2.0):
-        pass
+    video = args.output if args.output and args.output.suffix.lower() in VIDEO_SUFFIXES else None
+    rows_file = args.output if args.output and not video else None
+    if rows_file and rows_file.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise InvalidParameterError(f"-o {rows_file}: give a video ({', '.join(VIDEO_SUFFIXES)}) or a JSON-lines "
+                                    "file (.jsonl) for the rows")
+    rows = bool(args.format or rows_file or not (video or args.display))
+    if rows_file:
+        rows_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(rows_file, "w") if rows_file else nullcontext(sys.stdout) as out:
+        for frame in stream(args.source, predictor, output=video, display=args.display,
+                            classify_every=args.classify_every, smooth=args.smooth, max_frames=args.max_frames,
+                            report_every_s=None if args.quiet else 2.0):
+            if rows:
+                out.writelines(json.dumps(row) + "\n" for row in frame.rows())
+                out.flush()
     if args.output:
-        _say(f"annotated video: {args.output}", quiet=args.quiet)
+        _say(f"{'annotated video' if video else 'rows'}: {args.output}", quiet=args.quiet)
     return 0
 
 

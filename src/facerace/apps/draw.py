@@ -15,8 +15,9 @@ from facerace.results import FaceResult
 COLOURS = {"certain": (46, 204, 113), "uncertain": (241, 196, 15), "too_small": (160, 160, 160)}
 
 
-def annotate(rgb: np.ndarray, faces: Sequence[FaceResult]) -> Image.Image:
-    """A copy of the image with each face's box and `label confidence` (or `?`, `too small`) drawn."""
+def annotate(rgb: np.ndarray, faces: Sequence[FaceResult], tags: Sequence[str] = ()) -> Image.Image:
+    """A copy of the image with each face's box and `label confidence` (or `?`, `too small`) drawn, after the
+    face's tag if given (e.g. a track id in a video)."""
     img = Image.fromarray(rgb).copy()
     draw = ImageDraw.Draw(img)
     width = max(2, round(max(img.size) / 300))
@@ -24,13 +25,14 @@ def annotate(rgb: np.ndarray, faces: Sequence[FaceResult]) -> Image.Image:
         font = ImageFont.load_default(size=max(12, round(max(img.size) / 40)))
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
-    for face in faces:
+    for i, face in enumerate(faces):
         x, y, w, h = face.box
         if face.status != "ok":  # too_small, or pending in a stream
             colour, text = COLOURS["too_small"], face.status.replace("_", " ")
         else:
             colour = COLOURS["uncertain" if face.uncertain else "certain"]
             text = f"{face.label} {face.confidence:.0%}" + (" (uncertain)" if face.uncertain else "")
+        text = f"{tags[i]} {text}" if i < len(tags) else text
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=width)
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         ty = y - (bottom - top) - 2 * width if y - (bottom - top) - 2 * width >= 0 else y + h

@@ -6,12 +6,15 @@ those the detector alone follows it, which keeps the frame rate up on a CPU.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -52,12 +55,29 @@ class TrackedFace:
     face: FaceResult
 
 
+#: File suffixes `facerace stream -o` writes an annotated video to (other files get the rows).
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v")
+
+#: The keys of every stream row (`facerace stream --format jsonl`), in order.
+STREAM_KEYS = ("frame", "time_s", "track", "status", "box", "label", "confidence", "uncertain")
+
+
 @dataclass(frozen=True)
 class FrameResult:
-    """Everything found in one frame."""
+    """Everything found in one frame; `time_s` is its time in the video (None where the source gives no rate)."""
 
     index: int
     faces: tuple[TrackedFace, ...]
+    time_s: float | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per tracked face (keys STREAM_KEYS), or one `no_face` row for a frame without faces."""
+        head = {"frame": self.index, "time_s": None if self.time_s is None else round(self.time_s, 3)}
+        if not self.faces:
+            return [{**head, **dict.fromkeys(STREAM_KEYS[2:]), "status": "no_face"}]
+        return [{**head, "track": f.track_id, "status": f.face.status, "box": list(f.face.box), "label": f.face.label,
+                 "confidence": f.face.confidence, "uncertain": f.face.uncertain if f.face.status == "ok" else None}
+                for f in self.faces]
 
 
 class Tracker:
@@ -91,17 +111,48 @@ class Tracker:
         return matched
 
 
+@contextmanager
+def _opencv_quiet() -> Iterator[None]:
+    """Hide what OpenCV and FFmpeg print on stderr while a source opens (raw `[ WARN:0@...]` lines), unless the
+    user asked for them with OPENCV_LOG_LEVEL; facerace reports a failure itself, in one line."""
+    import cv2
+
+    if os.environ.get("OPENCV_LOG_LEVEL"):
+        yield
+        return
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+        cv2.utils.logging.setLogLevel(level)
+
+
 def open_source(source: int | str):
-    """An OpenCV VideoCapture for a webcam index, a file or a URL."""
+    """An OpenCV VideoCapture for a webcam index, a file or a URL; one clear error when it cannot be opened."""
     import cv2
 
     if isinstance(source, str) and source.isdigit():
         source = int(source)
     if isinstance(source, str) and "://" not in source and not Path(source).is_file():
         raise InvalidParameterError(f"{source}: no such video file (give a file, a URL or a webcam index)")
-    capture = cv2.VideoCapture(source)
-    if not capture.isOpened():
-        raise InvalidParameterError(f"cannot open video source {source!r}")
+    with _opencv_quiet():
+        capture = cv2.VideoCapture(source)
+        opened = capture.isOpened()
+    if not opened:
+        capture.release()
+        what = (f"camera {source} (no such camera, no permission, or in use by another program)"
+                if isinstance(source, int) else f"video source {source!r} (not a video OpenCV can read, or the "
+                                                  "stream is unreachable)")
+        raise InvalidParameterError(f"cannot open {what}; set OPENCV_LOG_LEVEL=INFO to see OpenCV's own messages")
     return capture
 
 
@@ -116,7 +167,8 @@ def stream(
     max_frames: int | None = None,
     report_every_s: float | None = None,
 ) -> Iterator[FrameResult]:
-    """Yield one FrameResult per frame of `source`; optionally write/display annotated frames.
+    """Yield one FrameResult per frame of `source`; optionally write/display annotated frames (boxes, labels
+    and track ids).
 
     Ends at the end of the video, after `max_frames`, or on Ctrl-C; the output video is
     always finished properly.
@@ -131,6 +183,7 @@ def stream(
     writer = None
     tracker = Tracker(smooth=smooth)
     start, frame_index = time.perf_counter(), 0
+    rate = capture.get(cv2.CAP_PROP_FPS) or None
     last_report = start
     try:
         while max_frames is None or frame_index < max_frames:
@@ -150,11 +203,11 @@ def stream(
             faces = tuple(TrackedFace(t.id, _face(t, d, id(d) in large, classes, predictor.effective_threshold))
                           for t, d in matched)
             if output is not None or display:
-                shown = np.asarray(annotate(rgb, [f.face for f in faces]))[:, :, ::-1]
+                shown = np.asarray(annotate(rgb, [f.face for f in faces], tags=[f"#{f.track_id}" for f in faces])
+                                   )[:, :, ::-1]
                 if output is not None:
                     if writer is None:
-                        fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-                        writer = cv2.VideoWriter(str(output), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                        writer = cv2.VideoWriter(str(output), cv2.VideoWriter_fourcc(*"mp4v"), rate or 25.0,
                                                  (shown.shape[1], shown.shape[0]))
                     writer.write(np.ascontiguousarray(shown))
                 if display:
@@ -167,7 +220,7 @@ def stream(
                 print(f"frame {frame_index}: {frame_index / (now - start):.1f} frames/s, "
                       f"{len(faces)} face(s)", file=sys.stderr)
                 last_report = now
-            yield FrameResult(frame_index - 1, faces)
+            yield FrameResult(frame_index - 1, faces, (frame_index - 1) / rate if rate else None)
     except KeyboardInterrupt:
         pass
     finally:

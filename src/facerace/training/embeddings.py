@@ -47,13 +47,15 @@ class CropEmbedder:
 
 @dataclass
 class Embedded:
-    """Embeddings of a list of files: rows align with `ok` (files that could be read)."""
+    """Embeddings of a list of files: rows align with `ok` (files that could be read); `digests` (SHA-256 of
+    each file's bytes) align with the files."""
 
     vectors: np.ndarray
     detected: np.ndarray
     ok: np.ndarray
     errors: dict[int, str]
     computed: int
+    digests: list[str]
 
 
 def embed_files(
@@ -100,5 +102,5 @@ def embed_files(
     errors = {i: failed[d] for i, d in enumerate(digests) if d in failed}
     vectors = np.array([found[d][0] for d in digests if d in found], np.float32).reshape(-1, dim)
     detected = np.array([found[d][1] for d in digests if d in found], dtype=bool)
-    return Embedded(vectors, detected, ok, errors, computed=len(todo))
+    return Embedded(vectors, detected, ok, errors, computed=len(todo), digests=digests)
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from facerace.errors import DatasetError
+from facerace.errors import DatasetError, FaceraceWarning
 from facerace.labels import MAPPINGS, convert_label, convert_probabilities, get_scheme
-from facerace.model import load_model, model_pipeline
+from facerace.model import ModelConfig, digest_prefixes, load_model, model_pipeline, training_digests
 from facerace.textout import CsvWriter
 from facerace.training.datasets import AGE_GROUPS, open_dataset
 from facerace.training.embeddings import CropEmbedder, embed_files
-from facerace.training.metrics import classification_metrics, group_metrics, reliability
+from facerace.training.metrics import classification_metrics, group_metrics, reliability, wilson
 from facerace.training.modelcard import evaluation_markdown
 from facerace.training.plots import plot_confusion, plot_reliability
 from facerace.training.runs import environment, new_run_dir, write_json
@@ -45,7 +46,9 @@ def evaluate(
 
     `scheme` defaults to the finest scheme both label sets map onto (fairface7 on
     FairFace, utk5 for a fairface7 model on UTKFace); probabilities and true labels are
-    both mapped onto it through the explicit tables in `facerace.labels`.
+    both mapped onto it through the explicit tables in `facerace.labels`. Warns (FaceraceWarning, also
+    listed under "warnings" in metrics.json and report.md) when evaluated images are among the model's
+    training images, or when the dataset has no split `split` and all of its images are evaluated.
     """
     config, head = load_model(model)
     ds = open_dataset(data, split, path_column=path_column, label_column=label_column)
@@ -60,12 +63,18 @@ def evaluate(
     emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=workers,
                       progress=not quiet, desc=f"embedding {ds.kind}")
     samples = [s for s, ok in zip(keep, emb.ok) if ok]
+    overlap = training_overlap(model, config, [d for d, ok in zip(emb.digests, emb.ok) if ok])
+    notes = _warnings(data, ds.split, split, len(samples), overlap)
+    for note in notes:
+        warnings.warn(FaceraceWarning(note), stacklevel=2)
     probs = convert_probabilities(head.predict_proba(emb.vectors), config.scheme, scheme)
     y = np.array([classes.index(convert_label(s.label, ds.scheme, scheme)) for s in samples])
     y_pred = probs.argmax(1)
     confidence = probs.max(1)
     metrics = classification_metrics(y, probs, classes)
-    certain = confidence >= config.threshold
+    threshold = config.threshold_for(scheme)
+    certain = confidence >= threshold
+    right = y_pred == y
     metrics.update({
         "model": {"path": str(model), "name": config.name, "version": config.version, "scheme": config.scheme},
         "data": {"spec": data, "split": ds.split, "scheme": ds.scheme, "images": len(ds.samples),
@@ -75,9 +84,16 @@ def evaluate(
                  "known_region_used": int((~emb.detected).sum())},
         "scheme": scheme,
         "merged": _merged(config.scheme, scheme),
-        "threshold": config.threshold,
+        "threshold": threshold,
+        "uncertain": int((~certain).sum()),
         "uncertain_fraction": float(1 - certain.mean()),
-        "accuracy_when_certain": float(np.mean(y_pred[certain] == y[certain])) if certain.any() else None,
+        "uncertain_ci95": wilson(int((~certain).sum()), len(y)),
+        "certain": int(certain.sum()),
+        "correct_when_certain": int(right[certain].sum()),
+        "accuracy_when_certain": float(np.mean(right[certain])) if certain.any() else None,
+        "accuracy_when_certain_ci95": wilson(int(right[certain].sum()), int(certain.sum())),
+        "training_overlap": overlap,
+        "warnings": notes,
         "per_gender": group_metrics([s.gender for s in samples], y, y_pred, len(classes)),
         "per_age": _by_age(group_metrics([s.age for s in samples], y, y_pred, len(classes))),
         "reliability": reliability(confidence, (y_pred == y).astype(float)),
@@ -95,6 +111,30 @@ def evaluate(
         for s, t, p, row in zip(samples, y, y_pred, probs):
             w.writerow([s.path, classes[t], classes[p], round(float(row[p]), 4), *(round(float(v), 4) for v in row)])
     return run, metrics
+
+
+def training_overlap(model: str | Path, config: ModelConfig, digests: list[str]) -> dict[str, Any] | None:
+    """How many of the evaluated files (their SHA-256s) are among the model's training images; None when the
+    model stores no training digests (saved before they were kept)."""
+    known = training_digests(model, config)
+    if known is None:
+        return None
+    hits = int(np.isin(digest_prefixes(digests), known).sum())
+    return {"images": hits, "of": len(digests), "fraction": hits / len(digests) if digests else 0.0,
+            "training_images": int(len(known))}
+
+
+def _warnings(data: str, split: str, requested: str, n: int, overlap: dict[str, Any] | None) -> list[str]:
+    """What a reader of these scores must know: a dataset used whole, images the model was trained on."""
+    notes = []
+    if split == "all" and requested != "all":
+        notes.append(f"{data} has no split {requested!r} (no split sub-folders or column): all of its {n} usable "
+                     "images are evaluated; if the model was trained on this dataset, these scores overstate accuracy")
+    if overlap and overlap["images"]:
+        notes.append(f"{overlap['images']:,} of the {overlap['of']:,} evaluated images ({overlap['fraction']:.1%}) are "
+                     "byte-identical to images of the model's training data (its training_files list): these scores "
+                     "overstate accuracy on new faces; evaluate on images the model has not seen (e.g. another split)")
+    return notes
 
 
 def _by_age(groups: dict[str, dict]) -> dict[str, dict]:

@@ -5,37 +5,61 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from facerace.labels import reachable
 from facerace.model import ModelConfig
+from facerace.training.metrics import wilson
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
+def _ci(ci: list[float] | None) -> str:
+    """A Wilson 95% interval as `a–b%`."""
+    return "-" if ci is None else f"{ci[0]:.1%}–{ci[1]:.1%}"
+
+
+def rate(k: int, n: int, ci: list[float] | None) -> str:
+    """A rate with its count and 95% interval: `62.3% (1,788 of 2,871; 95% CI 60.5–64.0%)`."""
+    return "-" if not n else f"{k / n:.1%} ({k:,} of {n:,}; 95% CI {_ci(ci)})"
+
+
 def evaluation_markdown(m: dict[str, Any]) -> list[str]:
-    """Markdown lines for one `facerace evaluate` result: summary, per-class and per-group tables."""
+    """Markdown lines for one `facerace evaluate` result: warnings, summary, per-class and per-group tables,
+    every rate with its count and Wilson 95% interval."""
     d = m["data"]
-    lines = [
-        f"### {d['spec'].split(':')[0]} {d['split']}, scored as `{m['scheme']}` (n = {m['n']:,})",
-        "",
-        f"Accuracy **{_pct(m['accuracy'])}**, macro-F1 {m['macro_f1']:.3f}, loss {m['loss']:.3f}, "
-        f"expected calibration error {m['ece']:.3f} (15 bins). Faces found by the detector: "
-        f"{_pct(d['face_detected_fraction'])} (the dataset's known face region was used for the rest). "
-        f"Below the threshold ({m['threshold']}): {_pct(m['uncertain_fraction'])} of faces marked uncertain; "
-        f"accuracy on the others {_pct(m['accuracy_when_certain'])}.",
+    found = m["n"] - d["known_region_used"]
+    lines = [f"### {d['spec'].split(':')[0]} {d['split']}, scored as `{m['scheme']}` (n = {m['n']:,})", ""]
+    lines += [f"> **Warning:** {w}" for w in m.get("warnings", [])] + ([""] if m.get("warnings") else [])
+    lines += [
+        f"Accuracy **{rate(m['correct'], m['n'], m['accuracy_ci95'])}**, macro-F1 {m['macro_f1']:.3f}, "
+        f"loss {m['loss']:.3f}, expected calibration error {m['ece']:.3f} (15 bins). Faces found by the detector: "
+        f"{rate(found, m['n'], wilson(found, m['n']))} (the dataset's known face region was used for the rest). "
+        f"Below the threshold ({m['threshold']}): {rate(m['uncertain'], m['n'], m['uncertain_ci95'])} marked "
+        f"uncertain; accuracy on the others "
+        f"{rate(m['correct_when_certain'], m['certain'], m['accuracy_when_certain_ci95'])}.",
         "",
     ]
+    if "training_overlap" in m:
+        o = m["training_overlap"]
+        lines += ["Evaluated images byte-identical to images of the model's training data: "
+                  + ("unknown (the model stores no digests of its training images)." if o is None else
+                     f"{o['images']:,} of {o['of']:,}."), ""]
     if m.get("merged"):
         lines += ["Merged for this score: " + "; ".join(f"{k} = {' + '.join(v)}" for k, v in m["merged"].items()), ""]
-    lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
-              for c, v in m["per_class"].items()]
+    lines += ["| class | support | recall | recall 95% CI | precision | precision 95% CI | F1 |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c} | {v['support']} | {_pct(v['recall'])} ({v['correct']}/{v['support']}) | {_ci(v['recall_ci95'])} "
+              f"| {_pct(v['precision'])} ({v['correct']}/{v['predicted']}) | {_ci(v['precision_ci95'])} "
+              f"| {v['f1']:.3f} |" for c, v in m["per_class"].items()]
     for key, title in (("per_gender", "gender"), ("per_age", "age group")):
         if m.get(key):
-            lines += ["", f"| {title} | n | accuracy | macro-F1 |", "|---|---|---|---|"]
-            lines += [f"| {g} | {v['n']} | {_pct(v['accuracy'])} | {v['macro_f1']:.3f} |" for g, v in m[key].items()]
+            lines += ["", f"| {title} | n | accuracy | 95% CI | macro-F1 |", "|---|---|---|---|---|"]
+            lines += [f"| {g} | {v['n']} | {_pct(v['accuracy'])} ({v['correct']}/{v['n']}) | {_ci(v['accuracy_ci95'])} "
+                      f"| {v['macro_f1']:.3f} |" for g, v in m[key].items()]
     env = m.get("environment", {})
-    lines += ["", f"_Measured {env.get('date', '?')} on {env.get('machine', '?')}, facerace {env.get('facerace', '?')}._", ""]
+    lines += ["", "_Intervals: Wilson 95% score intervals of each rate (binomial; wide when n is small)._",
+              f"_Measured {env.get('date', '?')} on {env.get('machine', '?')}, facerace {env.get('facerace', '?')}._", ""]
     return lines
 
 
@@ -49,6 +73,7 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         "Race categories are social, coarse and contested: a prediction says how a face may be perceived "
         "in the terms of the training labels, never who a person is or how they identify.",
         "",
+        *([f"**Caveat:** {config.caveat}", ""] if config.caveat else []),
         "## Model",
         f"- Pipeline: detector `{config.detector}` -> dlib 5-point alignment ({config.chip_size} px chip, "
         f"padding {config.chip_padding}) -> "
@@ -58,8 +83,11 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         "a small trained head (standardise, 512 ReLU units with dropout, softmax) with temperature scaling.",
         f"- Classes (`{config.scheme}`): {', '.join(config.classes)}. Coarser schemes (`race6`, `utk5`, `race4`) "
         "are sums of these probabilities through the tables in `facerace/labels.py`.",
-        f"- Uncertain: a face whose top probability is below **{config.threshold}** is returned with "
-        f"`uncertain: true`. Rule: {config.threshold_rule}.",
+        "- Uncertain: a face whose top probability is below its scheme's threshold is returned with "
+        "`uncertain: true`; thresholds: " + ", ".join(f"`{s}` **{config.threshold_for(s)}**" for s in
+                                                     reachable(config.scheme))
+        + ("" if set(reachable(config.scheme)) <= {config.scheme, *config.thresholds} else
+           f" (schemes without their own use the `{config.scheme}` one)") + f". Rule: {config.threshold_rule}.",
         "- Weights: `head.safetensors` (no pickle), SHA-256 in `config.json`, checked at every load.",
         "",
         "## Training data",
@@ -88,7 +116,7 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         "- Use on people who have not agreed to it where the law or ethics require consent.",
         "",
         "## Limits",
-        "- Trained and measured on male FairFace faces only; accuracy on women is measured only through UTKFace.",
+        *([f"- {config.caveat}"] if config.caveat else []),
         "- Categories are coarse: Latino_Hispanic and Middle Eastern are the least accurate classes, and "
         "East vs Southeast Asian are often confused (see the per-class tables).",
         "- Crops from FairFace and UTKFace are aligned, mostly frontal photos; side views, occlusion, low light, "

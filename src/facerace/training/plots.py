@@ -65,16 +65,28 @@ def plot_confusion(conf: np.ndarray, classes: Sequence[str], path: Path, title: 
 
 
 def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
-    """Reliability diagram: accuracy against mean confidence per bin, with bin counts."""
+    """Reliability diagram: accuracy per confidence bin with its Wilson 95% interval and its face count
+    (written at the bar's foot); empty bins are left blank (no faces is no evidence, not zero accuracy)."""
+    from facerace.training.metrics import wilson
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
-    centres = [(b["low"] + b["high"]) / 2 for b in bins]
-    acc = [b["accuracy"] if b["accuracy"] is not None else 0 for b in bins]
-    ax.bar(centres, acc, width=1 / len(bins), edgecolor="black", alpha=0.7, label="accuracy")
+    filled = [b for b in bins if b["count"]]
+    width = 1 / len(bins) if bins else 0.1
+    centres = [(b["low"] + b["high"]) / 2 for b in filled]
+    accuracy = [b["accuracy"] for b in filled]
+    intervals = [wilson(round(b["accuracy"] * b["count"]), b["count"]) for b in filled]
+    errors = [[a - lo for a, (lo, _) in zip(accuracy, intervals)], [hi - a for a, (_, hi) in zip(accuracy, intervals)]]
+    ax.bar(centres, accuracy, width=width, edgecolor="black", alpha=0.7, label="accuracy (95% CI; n faces)")
+    ax.errorbar(centres, accuracy, yerr=errors, fmt="none", ecolor="black", capsize=2, linewidth=0.8)
+    for x, b in zip(centres, filled):
+        ax.text(x, 0.01, f"{b['count']:,}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {ece:.3f})")
+    ax.set_title(f"reliability (ECE {ece:.3f}, n = {sum(b['count'] for b in bins):,}; empty bins blank)")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path)

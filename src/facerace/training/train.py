@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from facerace.backbones import BACKBONES, InputSpec, create_backbone, create_network, fine_tunable
-from facerace.errors import DatasetError, InvalidParameterError, TrainingInterrupted
+from facerace.errors import DatasetError, FaceraceWarning, InvalidParameterError, TrainingInterrupted
 from facerace.faces import FacePipeline
 from facerace.files import sha256_file
 from facerace.head import RaceHead
@@ -21,7 +22,7 @@ from facerace.training.config import TrainConfig
 from facerace.training.datasets import Dataset, Sample, open_dataset
 from facerace.training.embeddings import CropEmbedder, embed_files
 from facerace.training.finetune import ViewActivations, compute_views, fit
-from facerace.training.metrics import choose_threshold, classification_metrics
+from facerace.training.metrics import classification_metrics, scheme_thresholds
 from facerace.training.plots import plot_loss
 from facerace.training.runs import environment, new_run_dir, write_json
 
@@ -39,15 +40,23 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 def labelled(config: TrainConfig, split: str | None = None) -> Iterator[tuple[str, Dataset, list[Sample]]]:
-    """(spec, dataset, its samples whose class exists in the config's scheme) for every dataset of `config`."""
+    """(spec, dataset, its samples whose class exists in the config's scheme) for every dataset of `config`;
+    warns (FaceraceWarning) when a dataset has no such split and all of its images are used."""
     for spec in config.data:
         ds = open_dataset(spec, split or config.split, path_column=config.path_column,
                           label_column=config.label_column)
+        if ds.split == "all" and (split or config.split) != "all":
+            warnings.warn(FaceraceWarning(
+                f"{spec} has no split {split or config.split!r} (no split sub-folders or column): all of its "
+                f"{len(ds.samples)} images are used for training; evaluate the model on other images"), stacklevel=2)
         yield spec, ds, [s for s in ds.samples if convert_label(s.label, ds.scheme, config.scheme) is not None]
 
 
 def _report(ds: Dataset, keep: list[Sample], used: int, unreadable: int, detected: np.ndarray) -> dict[str, Any]:
-    return {"split": ds.split, "images": len(ds.samples), "used": used,
+    genders: dict[str, int] = {}
+    for s in keep:
+        genders[s.gender or "unknown"] = genders.get(s.gender or "unknown", 0) + 1
+    return {"split": ds.split, "images": len(ds.samples), "used": used, "per_gender": genders,
             "dropped_no_class_in_scheme": len(ds.samples) - len(keep), "unreadable": unreadable,
             "layout_problems": len(ds.problems),
             "face_detected_fraction": float(detected.mean()) if len(detected) else 0.0,
@@ -60,25 +69,27 @@ def train_pipeline(config: TrainConfig) -> FacePipeline:
 
 
 def load_embeddings(config: TrainConfig, pipeline: FacePipeline, *, cache_dir=None, workers=None, quiet=False
-                    ) -> tuple[np.ndarray, np.ndarray, list[Sample], dict[str, Any]]:
-    """Embeddings, class indices in the config's scheme, samples and a report, for every sample of its datasets."""
+                    ) -> tuple[np.ndarray, np.ndarray, list[Sample], list[str], dict[str, Any]]:
+    """Embeddings, class indices in the config's scheme, samples, their files' SHA-256s and a report, for every
+    usable sample of its datasets."""
     classes = get_scheme(config.scheme).classes
-    xs, ys, samples, report = [], [], [], {}
+    xs, ys, samples, digests, report = [], [], [], [], {}
     for spec, ds, keep in labelled(config):
         emb = embed_files([s.path for s in keep], CropEmbedder(pipeline, ds.face_padding), cache_dir=cache_dir,
                           workers=workers, progress=not quiet, desc=f"embedding {ds.kind}")
         kept = [s for s, ok in zip(keep, emb.ok) if ok]
+        digests += [d for d, ok in zip(emb.digests, emb.ok) if ok]
         xs.append(emb.vectors)
         ys.extend(classes.index(convert_label(s.label, ds.scheme, config.scheme)) for s in kept)
         samples.extend(kept)
         report[spec] = {**_report(ds, keep, len(kept), len(emb.errors), emb.detected), "computed_now": emb.computed}
     if not samples:
         raise DatasetError(f"no usable images in {', '.join(config.data)} for scheme {config.scheme!r}")
-    return np.concatenate(xs), np.array(ys), samples, report
+    return np.concatenate(xs), np.array(ys), samples, digests, report
 
 
 def load_views(config: TrainConfig, activations: ViewActivations, *, cache_dir=None, workers=None, quiet=False):
-    """(FeatureStore of every labelled image's views, class indices, usable rows, report)."""
+    """(FeatureStore of every labelled image's views, class indices, usable rows, their files' SHA-256s, report)."""
     classes = get_scheme(config.scheme).classes
     paths, digests, paddings, ys, spans = [], [], [], [], []
     for spec, ds, keep in labelled(config):
@@ -100,7 +111,21 @@ def load_views(config: TrainConfig, activations: ViewActivations, *, cache_dir=N
     rows = np.nonzero(store.done)[0]
     if not len(rows):
         raise DatasetError(f"no usable images in {', '.join(config.data)} for scheme {config.scheme!r}")
-    return store, np.array(ys), rows, report
+    return store, np.array(ys), rows, [digests[i] for i in rows], report
+
+
+def training_caveat(report: dict[str, Any]) -> str:
+    """"Trained on male faces only" when every training image of known gender has the same one, else ""."""
+    genders: dict[str, int] = {}
+    for r in report.values():
+        for g, n in r["per_gender"].items():
+            genders[g] = genders.get(g, 0) + n
+    known = sorted(set(genders) - {"unknown"})
+    if len(known) != 1:
+        return ""
+    return (f"Trained on {known[0].lower()} faces only"
+            + (f" ({genders['unknown']} of unknown gender)" if "unknown" in genders else "")
+            + ": accuracy on other faces is not measured by its validation split.")
 
 
 def check_config(config: TrainConfig) -> None:
@@ -138,11 +163,11 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
     started = time.perf_counter()
     pipeline = train_pipeline(config)
     if config.unfreeze:
-        store, y, rows, report = load_views(config, ViewActivations(pipeline, config.unfreeze, config.views),
+        store, y, rows, digests, report = load_views(config, ViewActivations(pipeline, config.unfreeze, config.views),
                                             cache_dir=cache_dir, workers=workers, quiet=quiet)
         tr, va = (rows[i] for i in stratified_split(y[rows], config.val_fraction, config.seed))
     else:
-        x, y, _, report = load_embeddings(config, pipeline, cache_dir=cache_dir, workers=workers, quiet=quiet)
+        x, y, _, digests, report = load_embeddings(config, pipeline, cache_dir=cache_dir, workers=workers, quiet=quiet)
         tr, va = stratified_split(y, config.val_fraction, config.seed)
     y_val, tuned = y[va], None
     seconds = {"data": time.perf_counter() - started}
@@ -164,8 +189,8 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
             probs = head.predict_proba(x[va])
     seconds["fit"] = time.perf_counter() - started - seconds["data"]
     val_metrics = classification_metrics(y_val, probs, classes)
-    confidence, correct = probs.max(1), (probs.argmax(1) == y_val).astype(float)
-    threshold = choose_threshold(confidence, correct, config.threshold_target)
+    thresholds = scheme_thresholds(y_val, probs, config.scheme, config.threshold_target)
+    own = thresholds[config.scheme]
 
     predict_backbone = BACKBONES[config.backbone].fine_tuned_by if config.unfreeze else config.backbone
     runner = create_backbone(predict_backbone, config.backbone_weights)
@@ -173,17 +198,18 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
     model_config = ModelConfig(
         name=run.name, version=run.name, scheme=config.scheme, classes=classes, backbone=predict_backbone,
         backbone_version=runner.version, detector=config.detector, chip_size=chips.chip_size,
-        chip_padding=chips.padding, threshold=round(threshold, 4), flip_average=config.flip_average,
+        chip_padding=chips.padding, threshold=own["threshold"], flip_average=config.flip_average,
+        thresholds={s: t["threshold"] for s, t in thresholds.items()}, caveat=training_caveat(report),
         backbone_weights=str(Path(config.backbone_weights).resolve()) if config.backbone_weights else "",
-        threshold_rule=f"lowest confidence at which held-out validation faces are right >= "
-                       f"{config.threshold_target:.0%} of the time (coverage "
-                       f"{float((confidence >= threshold).mean()):.1%} of validation faces)",
+        threshold_rule=f"per scheme, the lowest confidence at which held-out validation faces scored in that "
+                       f"scheme are right >= {config.threshold_target:.0%} of the time (coverage in "
+                       f"{config.scheme}: {own['coverage']:.1%} of validation faces)",
         trained_on=", ".join(config.data) + f" (split {config.split}, {len(tr)} train / {len(va)} validation images)"
                    + (f"; last {config.unfreeze} units of {config.backbone} fine-tuned" if config.unfreeze else ""),
         metrics={"validation_accuracy": round(val_metrics["accuracy"], 4),
                  "validation_macro_f1": round(val_metrics["macro_f1"], 4)},
     )
-    save_model(run / "model", model_config, head, tuned)
+    save_model(run / "model", model_config, head, tuned, training_files=digests)
     h = head.history_
     plot_loss(h.train_loss, h.val_loss, h.best_epoch, run / "loss.png")
     with open(run / "history.csv", "w", newline="") as f:
@@ -193,7 +219,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
             w.writerow([i, *(round(v, 5) for v in row)])
     write_json(run / "metrics.json", {
         "validation": val_metrics, "best_epoch": h.best_epoch + 1, "epochs_run": len(h.train_loss),
-        "temperature": head.temperature_, "threshold": threshold, "data": report,
+        "temperature": head.temperature_, "threshold": own["threshold"], "thresholds": thresholds, "data": report,
         "n_train": int(len(tr)), "n_validation": int(len(va)),
         "seconds_this_session": {k: round(v, 1) for k, v in seconds.items()},
     })
