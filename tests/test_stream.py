@@ -10,8 +10,8 @@ from PIL import Image
 from facerace.apps.cli import main
 from facerace.apps.draw import annotate
 from facerace.apps.stream import STREAM_KEYS, Tracker, iou, stream
-from facerace.results import FaceResult
 from facerace.detect import Detection
+from facerace.results import FaceResult
 
 FRAMES = 24
 
@@ -63,7 +63,8 @@ def test_cli_stream_headless(video, tmp_path, capsys):
 
 def test_cli_stream_rows_per_frame_and_track(video, tmp_path, capsys):
     """stream writes one JSON row per frame and track (it printed only the frame rate)."""
-    assert main(["stream", "--source", str(video), "--format", "jsonl", "--max-frames", "6", "--classify-every", "2"]) == 0
+    args = ["--format", "jsonl", "--max-frames", "6", "--classify-every", "2"]
+    assert main(["stream", "--source", str(video), *args]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["frame"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert all(list(r) == list(STREAM_KEYS) for r in rows)

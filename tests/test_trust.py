@@ -164,7 +164,8 @@ def test_evaluating_on_training_images_warns(unsplit_folder, tmp_path, capsys):
 
     assert main(["evaluate", "--model", str(run), *common, "--out", str(tmp_path / "ev")]) == 0
     err = capsys.readouterr().err
-    assert "no split 'val'" in err and "21 of the 21 evaluated images (100.0%) are byte-identical to images of the model's training" in err
+    assert "no split 'val'" in err
+    assert "21 of the 21 evaluated images (100.0%) are byte-identical to images of the model's training" in err
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["training_overlap"]["images"] == 21 and len(m["warnings"]) == 2
     report = (tmp_path / "ev" / "report.md").read_text()

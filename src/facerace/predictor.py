@@ -111,7 +111,9 @@ class Predictor:
     @property
     def effective_threshold(self) -> float:
         """Confidence below which a face is marked uncertain (this predictor's, else the model's for the scheme)."""
-        return self.config.threshold_for(self.scheme or self.config.scheme) if self.threshold is None else self.threshold
+        if self.threshold is not None:
+            return self.threshold
+        return self.config.threshold_for(self.scheme or self.config.scheme)
 
     def get_backbone(self) -> Backbone:
         """The face network in use (loaded on first call)."""

@@ -354,12 +354,15 @@ def _train(args: argparse.Namespace) -> int:
     else:
         run = train(TrainConfig.from_flat(vars(args)), out=args.out, cache_dir=args.cache_dir, workers=args.workers,
                     quiet=args.quiet)
+    from facerace.training.modelcard import rate
+
     metrics = json.loads((run / "metrics.json").read_text())
     v = metrics["validation"]
     _show(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
-          f"held-out validation: accuracy {v['accuracy']:.3f}, macro-F1 {v['macro_f1']:.3f}, "
+          f"held-out validation: accuracy {rate(v['correct'], v['n'], v['accuracy_ci95'])}, "
+          f"macro-F1 {v['macro_f1']:.3f}, "
           f"loss {v['loss']:.3f}, ECE {v['ece']:.3f}; best epoch {metrics['best_epoch']}\n"
-          f"uncertainty thresholds: " + ", ".join(f"{s} {t['threshold']:.3f}" for s, t in metrics["thresholds"].items()))
+          "uncertainty thresholds: " + ", ".join(f"{s} {t['threshold']:.3f}" for s, t in metrics["thresholds"].items()))
     return 0
 
 

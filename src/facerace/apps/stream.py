@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -125,7 +124,7 @@ def _opencv_quiet() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as sink:
+        with open(os.devnull, "w") as sink:
             os.dup2(sink.fileno(), 2)
             try:
                 yield

@@ -14,14 +14,14 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-def _ci(ci: list[float] | None) -> str:
-    """A Wilson 95% interval as `a–b%`."""
+def interval(ci: list[float] | None) -> str:
+    """A Wilson 95% interval as `60.5%–64.0%`."""
     return "-" if ci is None else f"{ci[0]:.1%}–{ci[1]:.1%}"
 
 
 def rate(k: int, n: int, ci: list[float] | None) -> str:
-    """A rate with its count and 95% interval: `62.3% (1,788 of 2,871; 95% CI 60.5–64.0%)`."""
-    return "-" if not n else f"{k / n:.1%} ({k:,} of {n:,}; 95% CI {_ci(ci)})"
+    """A rate with its count and 95% interval: `62.3% (1,788 of 2,871; 95% CI 60.5%–64.0%)`."""
+    return "-" if not n else f"{k / n:.1%} ({k:,} of {n:,}; 95% CI {interval(ci)})"
 
 
 def evaluation_markdown(m: dict[str, Any]) -> list[str]:
@@ -49,17 +49,18 @@ def evaluation_markdown(m: dict[str, Any]) -> list[str]:
         lines += ["Merged for this score: " + "; ".join(f"{k} = {' + '.join(v)}" for k, v in m["merged"].items()), ""]
     lines += ["| class | support | recall | recall 95% CI | precision | precision 95% CI | F1 |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c} | {v['support']} | {_pct(v['recall'])} ({v['correct']}/{v['support']}) | {_ci(v['recall_ci95'])} "
-              f"| {_pct(v['precision'])} ({v['correct']}/{v['predicted']}) | {_ci(v['precision_ci95'])} "
+    lines += [f"| {c} | {v['support']} | {_pct(v['recall'])} ({v['correct']}/{v['support']}) | {interval(v['recall_ci95'])} "
+              f"| {_pct(v['precision'])} ({v['correct']}/{v['predicted']}) | {interval(v['precision_ci95'])} "
               f"| {v['f1']:.3f} |" for c, v in m["per_class"].items()]
     for key, title in (("per_gender", "gender"), ("per_age", "age group")):
         if m.get(key):
             lines += ["", f"| {title} | n | accuracy | 95% CI | macro-F1 |", "|---|---|---|---|---|"]
-            lines += [f"| {g} | {v['n']} | {_pct(v['accuracy'])} ({v['correct']}/{v['n']}) | {_ci(v['accuracy_ci95'])} "
+            lines += [f"| {g} | {v['n']} | {_pct(v['accuracy'])} ({v['correct']}/{v['n']}) | {interval(v['accuracy_ci95'])} "
                       f"| {v['macro_f1']:.3f} |" for g, v in m[key].items()]
     env = m.get("environment", {})
     lines += ["", "_Intervals: Wilson 95% score intervals of each rate (binomial; wide when n is small)._",
-              f"_Measured {env.get('date', '?')} on {env.get('machine', '?')}, facerace {env.get('facerace', '?')}._", ""]
+              f"_Measured {env.get('date', '?')} on {env.get('machine', '?')}, "
+              f"facerace {env.get('facerace', '?')}._", ""]
     return lines
 
 
