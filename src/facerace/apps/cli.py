@@ -345,6 +345,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from facerace.training.config import TrainConfig
+    from facerace.training.modelcard import rate
     from facerace.training.train import resume, train
 
     if args.resume:
@@ -354,8 +355,6 @@ def _train(args: argparse.Namespace) -> int:
     else:
         run = train(TrainConfig.from_flat(vars(args)), out=args.out, cache_dir=args.cache_dir, workers=args.workers,
                     quiet=args.quiet)
-    from facerace.training.modelcard import rate
-
     metrics = json.loads((run / "metrics.json").read_text())
     v = metrics["validation"]
     _show(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
