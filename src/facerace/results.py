@@ -22,7 +22,7 @@ class FaceResult:
     detector's score, and its classification.
 
     `label` is always the most probable class; `uncertain` is true when `confidence`
-    (its probability) is below the model's threshold. Faces smaller than the minimum
+    (its probability) is below the model's threshold for the scheme. Faces smaller than the minimum
     size have status "too_small" and no label or probabilities.
     """
 

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="save copies with boxes and labels drawn here, in the inputs' folder structure")
     pr.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
     pr.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
-    pr.add_argument("--threshold", type=float, help="confidence below which a face is uncertain (default: the model's)")
+    pr.add_argument("--threshold", type=float,
+                    help="confidence below which a face is uncertain (default: the model's, for the scheme)")
     pr.add_argument("--model", default="default", help="shipped model name or model/run folder")
     pr.add_argument("--column", help="CSV column holding paths (default: path or file)")
     pr.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
@@ -107,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--model", default="default", help="shipped model name or model/run folder")
     st.add_argument("--scheme", help="label scheme (default: the model's)")
     st.add_argument("--detector", help="face detector (default: the model's)")
-    st.add_argument("--threshold", type=float, help="confidence below which a face is uncertain (default: the model's)")
+    st.add_argument("--threshold", type=float,
+                    help="confidence below which a face is uncertain (default: the model's, for the scheme)")
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
