@@ -36,6 +36,14 @@ class WeightsFileError(FaceraceError, ValueError):
     """A weights file is not what the network needs (not HDF5, missing layers, wrong shapes)."""
 
 
+class CacheError(FaceraceError):
+    """The cache folder cannot be used (not writable, locked); the message names it."""
+
+
+class CheckpointError(FaceraceError):
+    """A training checkpoint is not one facerace wrote (it is never unpickled); the message names it."""
+
+
 class TrainingInterrupted(FaceraceError, KeyboardInterrupt):
     """Ctrl-C during fine-tuning; the message says how to resume."""
 

@@ -18,16 +18,22 @@ from facerace.detect import Detection, Detector, create_detector, known_face_reg
 
 #: Faces whose box is smaller than this (pixels, shorter side) are reported as too_small.
 MIN_FACE = 32
+#: At most this many faces of one image (the largest) are analysed; the others are reported as too_many.
+MAX_FACES = 256
+#: Chips are embedded this many at a time, so memory stays bounded however many faces an image has.
+EMBED_BATCH = 32
 
 
 @dataclass(frozen=True)
 class Faces:
-    """What the pipeline found in one image: every detection, and for the large ones their landmarks and chips."""
+    """What the pipeline found in one image: every detection, and for the large ones (at most `max_faces`,
+    the largest) their landmarks and chips; `too_many` are the large faces beyond that limit."""
 
     found: tuple[Detection, ...]
     large: tuple[Detection, ...]
     landmarks: np.ndarray
     chips: np.ndarray
+    too_many: tuple[Detection, ...] = ()
 
 
 @dataclass
@@ -35,7 +41,8 @@ class FacePipeline:
     """Picklable settings of image -> faces -> chips -> embeddings; detector, aligner and network load on first use.
 
     `chips` overrides the backbone's own chip geometry (a model records the one it was trained with);
-    `flip_average` embeds each face as the mean of it and its mirror image.
+    `flip_average` embeds each face as the mean of it and its mirror image; `max_faces` caps the faces
+    analysed per image (the largest are kept).
     """
 
     detector: str = "yunet"
@@ -46,6 +53,7 @@ class FacePipeline:
     min_face: int = MIN_FACE
     upsample: int = 1
     chips: InputSpec | None = None
+    max_faces: int = MAX_FACES
 
     def __post_init__(self) -> None:
         self._detector: Detector | None = None
@@ -113,19 +121,24 @@ class FacePipeline:
         return self.get_aligner().align(rgb, [d.box for d in faces])
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
-        """Embeddings (n, dim) of chips; with `flip_average`, the mean of each chip's and its mirror image's."""
+        """Embeddings (n, dim) of chips, `EMBED_BATCH` at a time; with `flip_average`, the mean of each chip's
+        and its mirror image's."""
         backbone = self.get_backbone()
-        if not self.flip_average or len(chips) == 0:
-            return backbone.embed(chips)
-        both = backbone.embed(np.concatenate([chips, chips[:, :, ::-1]]))
-        return (both[: len(chips)] + both[len(chips) :]) / 2
+        if len(chips) <= EMBED_BATCH:
+            if not self.flip_average or len(chips) == 0:
+                return backbone.embed(chips)
+            both = backbone.embed(np.concatenate([chips, chips[:, :, ::-1]]))
+            return (both[: len(chips)] + both[len(chips) :]) / 2
+        return np.concatenate([self.embed(chips[i : i + EMBED_BATCH]) for i in range(0, len(chips), EMBED_BATCH)])
 
     def faces(self, rgb: np.ndarray, found: Sequence[Detection] | None = None) -> Faces:
-        """Detect (unless `found` is given), keep the large faces and cut their chips."""
+        """Detect (unless `found` is given), keep the large faces (at most `max_faces`) and cut their chips."""
         found = tuple(self.detect(rgb) if found is None else found)
-        large = tuple(self.large(found))
-        landmarks, chips = self.align(rgb, large)
-        return Faces(found, large, landmarks, chips)
+        large = self.large(found)
+        keep = {id(d) for d in sorted(large, key=lambda d: -d.box[2] * d.box[3])[: self.max_faces]}
+        kept = tuple(d for d in large if id(d) in keep)
+        landmarks, chips = self.align(rgb, kept)
+        return Faces(found, kept, landmarks, chips, tuple(d for d in large if id(d) not in keep))
 
     def main_face_chip(self, rgb: np.ndarray, face_padding: float) -> tuple[np.ndarray, bool]:
         """(aligned chip, detected) of a face-crop image: its largest large face, else the crop's known

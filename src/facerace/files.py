@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from importlib import util
 from pathlib import Path
 
@@ -17,6 +18,11 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def notice(message: str) -> None:
+    """Tell the user something was repaired or skipped (one line on stderr); results are unaffected."""
+    print(f"facerace: {message}", file=sys.stderr)
 
 
 def default_cache_dir() -> Path:

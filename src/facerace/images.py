@@ -20,7 +20,20 @@ MAX_PIXELS = 50_000_000
 #: Channel orders of in-memory pixels: "rgb" (PIL, imageio, matplotlib) or "bgr" (OpenCV: cv2.imread, VideoCapture).
 COLORS = ("rgb", "bgr")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".heic", ".heif", ".avif")
+
+
+def _register_heif() -> None:
+    """Let PIL open HEIC/HEIF photos (phones write them) through pillow-heif; AVIF is Pillow's own."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # then HEIC files are reported as an unsupported format
+        return
+    register_heif_opener()
+
+
+_register_heif()
 
 
 def describe(image: ImageInput) -> str:
@@ -60,11 +73,15 @@ def load_image(image: ImageInput, *, max_pixels: int = MAX_PIXELS, color: str = 
         return _pil_to_rgb(image, name, max_pixels)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
-            raise ImageError(name, "no such file" if not path.exists() else "not a file")
-        if path.stat().st_size == 0:
-            raise ImageError(name, "empty file (0 bytes)")
-        with open(path, "rb") as f:
+        try:
+            if not path.is_file():
+                raise ImageError(name, "no such file" if not path.exists() else "not a file")
+            if path.stat().st_size == 0:
+                raise ImageError(name, "empty file (0 bytes)")
+            f = open(path, "rb")
+        except OSError as exc:  # permission denied, a name too long, an I/O error, ...
+            raise ImageError(name, f"cannot read the file ({exc.strerror or exc})") from None
+        with f:
             return _decode(f, name, max_pixels)
     if isinstance(image, bytes):
         if not image:

@@ -7,18 +7,20 @@ models, `MODEL_CARD.md`. Shipped models live in the package under `weights/<name
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from facerace.backbones import InputSpec
+from facerace.backbones import BACKBONES, InputSpec
+from facerace.detect import DETECTORS
 from facerace.errors import ModelIntegrityError, ModelNotFoundError
-from facerace.faces import MIN_FACE, FacePipeline
+from facerace.faces import MAX_FACES, MIN_FACE, FacePipeline
 from facerace.files import sha256_file
 from facerace.head import RaceHead
+from facerace.labels import SCHEMES
 
 SHIPPED = ("default",)
 CONFIG_FILE = "config.json"
@@ -66,8 +68,47 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, d: Any, source: str = CONFIG_FILE) -> ModelConfig:
+        """The config in JSON data `d`; ModelIntegrityError naming `source` for a missing or unknown key,
+        a value of the wrong type, or a weights file name that is not a plain file name."""
+        problems = _config_problems(d)
+        if problems:
+            raise ModelIntegrityError(f"{source}: {'; '.join(problems)}. The model folder is damaged: "
+                                      "retrain the model (`facerace train`) or reinstall facerace")
         return cls(**{**d, "classes": tuple(d["classes"])})
+
+
+def _json_types(annotation: str) -> tuple[type, ...] | None:
+    """The JSON value types a ModelConfig field annotation allows (None: not checked)."""
+    plain = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+    if annotation in plain:
+        return plain[annotation]
+    return (list,) if annotation.startswith(("tuple", "list")) else (dict,) if annotation.startswith("dict") else None
+
+
+def _config_problems(d: Any) -> list[str]:
+    """What is wrong with config data `d` (empty if nothing)."""
+    if not isinstance(d, dict):
+        return [f"holds a JSON {type(d).__name__}, not an object"]
+    known = {f.name: f for f in fields(ModelConfig)}
+    missing = [n for n, f in known.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
+    problems = [f"missing key(s) {', '.join(missing)}"] if missing else []
+    if set(d) - set(known):
+        problems.append(f"unknown key(s) {', '.join(sorted(set(d) - set(known)))}")
+    for name, value in d.items():
+        types = _json_types(str(known[name].type)) if name in known else None
+        if types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            problems.append(f"{name!r} is {type(value).__name__} {repr(value)[:40]}, not {known[name].type}")
+    if isinstance(d.get("classes"), list) and (not d["classes"] or not all(isinstance(c, str) for c in d["classes"])):
+        problems.append("'classes' must be a non-empty list of class names")
+    for name, known_names in (("scheme", SCHEMES), ("backbone", BACKBONES), ("detector", DETECTORS)):
+        if isinstance(d.get(name), str) and d[name] not in known_names:
+            problems.append(f"unknown {name} {d[name]!r} (this facerace knows {', '.join(known_names)})")
+    for name in ("weights", "tuned"):
+        value = d.get(name)
+        if isinstance(value, str) and value and (Path(value).name != value or value in (".", "..")):
+            problems.append(f"{name!r} must name a file in the model folder, not {value!r}")
+    return problems
 
 
 def shipped_dir(name: str) -> Path:
@@ -92,19 +133,34 @@ def resolve(model: str | Path) -> Path:
 
 
 def load_config(model: str | Path) -> ModelConfig:
-    """Read a model's config.json."""
-    path = resolve(model)
-    return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    """Read a model's config.json (ModelIntegrityError naming it if it is not a valid model config)."""
+    file = resolve(model) / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ModelIntegrityError(f"{file}: not valid JSON ({exc}); the model folder is damaged: retrain the "
+                                  "model (`facerace train`) or reinstall facerace") from None
+    except OSError as exc:
+        raise ModelNotFoundError(f"{file}: cannot be read ({exc.strerror})") from None
+    if isinstance(data, dict) and "data" in data and "classes" not in data:
+        raise ModelNotFoundError(f"{file.parent} is a training run whose model is not finished ({file.parent / 'model'}"
+                                 f" is missing): continue it with `facerace train --resume {file.parent}`")
+    return ModelConfig.from_dict(data, str(file))
 
 
 def _verified(path: Path, expected: str) -> Path:
     """`path`, after checking it exists and has SHA-256 `expected`."""
+    config = path.parent / CONFIG_FILE
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; rebuild the model with `facerace train`")
-    actual = sha256_file(path)
+        raise ModelNotFoundError(f"{path} is missing (named by {config}); retrain the model (`facerace train`) "
+                                 "or reinstall facerace")
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{path}: cannot be read ({exc.strerror})") from None
     if actual != expected:
         raise ModelIntegrityError(
-            f"{path} has SHA-256 {actual}, but {path.parent / CONFIG_FILE} expects {expected}; "
+            f"{path} has SHA-256 {actual}, but {config} expects {expected or '(none recorded)'}; "
             "the file is damaged or was replaced: reinstall facerace or retrain the model"
         )
     return path
@@ -112,9 +168,16 @@ def _verified(path: Path, expected: str) -> Path:
 
 def load_model(model: str | Path) -> tuple[ModelConfig, RaceHead]:
     """Read config and head, refusing weights whose SHA-256 differs from the config's."""
+    from safetensors import SafetensorError
+
     path = resolve(model)
     config = load_config(path)
-    return config, RaceHead.load(_verified(path / config.weights, config.sha256), config.classes)
+    weights = _verified(path / config.weights, config.sha256)
+    try:
+        return config, RaceHead.load(weights, config.classes)
+    except (SafetensorError, KeyError, IndexError, ValueError) as exc:
+        raise ModelIntegrityError(f"{weights}: not a head for the classes of {path / CONFIG_FILE} ({exc}); "
+                                  "retrain the model (`facerace train`) or reinstall facerace") from None
 
 
 def tuned_file(model: str | Path, config: ModelConfig) -> Path | None:
@@ -137,17 +200,18 @@ def digest_prefixes(digests: Sequence[str]) -> np.ndarray:
 
 
 def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | None = None, min_face: int = MIN_FACE,
-                   upsample: int = 1, backbone: str | None = None, backbone_weights: str | Path | None = None
-                   ) -> FacePipeline:
+                   upsample: int = 1, backbone: str | None = None, backbone_weights: str | Path | None = None,
+                   max_faces: int = MAX_FACES) -> FacePipeline:
     """The face pipeline of `model` (its detector, chips, network with fine-tuned layers, flip averaging), with
     another `detector`, or another `backbone` (weights file `backbone_weights`, its own chips) instead."""
     if backbone is not None:
         return FacePipeline(detector or config.detector, backbone, str(backbone_weights) if backbone_weights else None,
-                            flip_average=config.flip_average, min_face=min_face, upsample=upsample)
+                            flip_average=config.flip_average, min_face=min_face, upsample=upsample,
+                            max_faces=max_faces)
     tuned = tuned_file(model, config)
     return FacePipeline(detector or config.detector, config.backbone, config.backbone_weights or None,
                         str(tuned) if tuned else None, config.flip_average, min_face, upsample,
-                        InputSpec(config.chip_size, config.chip_padding))
+                        InputSpec(config.chip_size, config.chip_padding), max_faces)
 
 
 def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None,

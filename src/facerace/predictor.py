@@ -19,7 +19,7 @@ from PIL import Image
 from facerace.backbones import Backbone, create_backbone
 from facerace.detect import Detection
 from facerace.errors import FaceraceError, ImageError, InvalidParameterError
-from facerace.faces import MIN_FACE, FacePipeline
+from facerace.faces import MAX_FACES, MIN_FACE, FacePipeline, Faces
 from facerace.images import MAX_PIXELS, ImageInput, describe, load_image
 from facerace.labels import convert_probabilities, get_scheme
 from facerace.model import ModelConfig, load_config, load_model, model_pipeline
@@ -35,7 +35,8 @@ class Predictor:
     scheme; `threshold` (default: the model's for that scheme) marks faces below it as uncertain;
     `backbone` (default: the model's) changes the face network, for `embed_image`, or for
     prediction when it computes the same embeddings (e.g. dlib-resnet-v1 vs -onnx);
-    `backbone_weights` is its weights file where it needs one (vggface).
+    `backbone_weights` is its weights file where it needs one (vggface); `max_faces` caps the faces
+    analysed per image (the largest; the others get status "too_many").
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class Predictor:
         backbone_weights: str | Path | None = None,
         upsample: int = 1,
         max_pixels: int = MAX_PIXELS,
+        max_faces: int = MAX_FACES,
     ) -> None:
         self.model = model
         self.scheme = scheme
@@ -60,6 +62,7 @@ class Predictor:
         self.backbone_weights = backbone_weights
         self.upsample = upsample
         self.max_pixels = max_pixels
+        self.max_faces = max_faces
         self._config: ModelConfig | None = None
         self._loaded: tuple | None = None
 
@@ -68,7 +71,8 @@ class Predictor:
 
     def replace(self, **options) -> Predictor:
         """A copy with some options changed that shares this one's loaded model (cheap per request)."""
-        unknown = set(options) - {"scheme", "detector", "threshold", "min_face", "upsample", "max_pixels"}
+        unknown = set(options) - {"scheme", "detector", "threshold", "min_face", "upsample", "max_pixels",
+                                  "max_faces"}
         if unknown:
             raise InvalidParameterError(f"Predictor.replace: unknown option(s) {sorted(unknown)}")
         clone = copy.copy(self)
@@ -80,8 +84,11 @@ class Predictor:
         return clone
 
     def validate(self) -> Predictor:
-        """Check the model and every option now (reads only the model's config); return self."""
+        """Check every option and the model now (its config, and its weights against their SHA-256); return self.
+
+        Networks and detectors still load on first use."""
         _ = self.config
+        self._parts()
         return self
 
     # ---- lazy parts ------------------------------------------------------------
@@ -98,6 +105,8 @@ class Predictor:
             convert_probabilities(np.zeros((1, len(config.classes))), config.scheme, self.scheme)
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InvalidParameterError(f"threshold must be within [0, 1], got {self.threshold}")
+        if self.max_faces < 1:
+            raise InvalidParameterError(f"max_faces must be at least 1, got {self.max_faces}")
         self._config = config
         FacePipeline(self.detector or config.detector, upsample=self.upsample).make_detector()  # validates the name
         if self.backbone is not None:
@@ -121,7 +130,8 @@ class Predictor:
 
     def _make_pipeline(self, config: ModelConfig) -> FacePipeline:
         return model_pipeline(self.model, config, detector=self.detector, min_face=self.min_face,
-                              upsample=self.upsample, backbone=self.backbone, backbone_weights=self.backbone_weights)
+                              upsample=self.upsample, backbone=self.backbone, backbone_weights=self.backbone_weights,
+                              max_faces=self.max_faces)
 
     @property
     def pipeline(self) -> FacePipeline:
@@ -189,18 +199,25 @@ class Predictor:
                                                              landmarks=found.landmarks[k], detection_score=d.score))
                 k += 1
             else:
-                results.append(FaceResult(box=d.box, detection_score=d.score, status="too_small"))
+                status = "too_many" if any(d is e for e in found.too_many) else "too_small"
+                results.append(FaceResult(box=d.box, detection_score=d.score, status=status))
         timings = {"read": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed_classify": t4 - t3}
         return ImageResult(path=name, faces=tuple(results), shape=rgb.shape[:2],
                            timings_ms={s: round(v * 1000, 2) for s, v in timings.items()})
 
     def embed_image(self, image: ImageInput, *, color: str = "rgb") -> tuple[list[Detection], np.ndarray]:
-        """The faces (at least `min_face` px) of one image and their embeddings (n, dim).
+        """The faces (at least `min_face` px, at most `max_faces`) of one image and their embeddings (n, dim).
 
         Raises ImageError if the input is not a readable image. `color`: see `predict_image`.
         """
+        found, vectors = self.embed_faces(image, color=color)
+        return list(found.large), vectors
+
+    def embed_faces(self, image: ImageInput, *, color: str = "rgb") -> tuple[Faces, np.ndarray]:
+        """What the pipeline found in one image (`Faces`, with the faces over `max_faces`) and the embeddings
+        (n, dim) of its large faces; raises ImageError if the input is not a readable image."""
         found = self.pipeline.faces(load_image(image, max_pixels=self.max_pixels, color=color))
-        return list(found.large), self.embed(found.chips)
+        return found, self.embed(found.chips)
 
     def predict(self, images: ImageInput | Iterable[ImageInput], *, color: str = "rgb") -> list[ImageResult]:
         """Analyse one image or an iterable of images; one ImageResult per image, in order.
@@ -232,20 +249,23 @@ class _PathPredictor:
 @dataclass(frozen=True)
 class Embeddings:
     """One embedding per face (at least `min_face` px): its image's path, its box [x, y, w, h], its vector;
-    and the images that could not be read (`errors`, "path: reason")."""
+    the images that could not be read (`errors`, "path: reason"), and those with more than `max_faces`
+    faces, of which only the largest were embedded (`too_many`, "path: N faces not embedded")."""
 
     paths: tuple[str, ...]
     boxes: np.ndarray
     vectors: np.ndarray
     backbone: str
     errors: tuple[str, ...] = ()
+    too_many: tuple[str, ...] = ()
 
     def save(self, path: str | Path) -> Path:
-        """Write an .npz with arrays paths, boxes, embeddings, backbone and errors; return its path."""
+        """Write an .npz with arrays paths, boxes, embeddings, backbone, errors and too_many; return its path."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out, paths=np.array(self.paths, dtype=str), boxes=self.boxes, embeddings=self.vectors,
-                 backbone=np.array(self.backbone), errors=np.array(self.errors, dtype=str))
+                 backbone=np.array(self.backbone), errors=np.array(self.errors, dtype=str),
+                 too_many=np.array(self.too_many, dtype=str))
         return out
 
 
@@ -256,20 +276,23 @@ def embed(images: Iterable[ImageInput], predictor: Predictor | None = None, *, p
 
     predictor = (predictor or Predictor()).validate()
     images = list(images)
-    paths, boxes, vectors, errors = [], [], [], []
+    paths, boxes, vectors, errors, too_many = [], [], [], [], []
     for image in progress_bar(images, quiet=not progress or len(images) < 2, desc="embedding", unit="img"):
         try:
-            faces, embeddings = predictor.embed_image(image)
+            found, embeddings = predictor.embed_faces(image)
         except ImageError as exc:
             errors.append(str(exc))
             continue
-        paths += [describe(image)] * len(faces)
-        boxes += [d.box for d in faces]
+        paths += [describe(image)] * len(found.large)
+        boxes += [d.box for d in found.large]
         vectors.append(embeddings)
+        if found.too_many:
+            too_many.append(f"{describe(image)}: {len(found.too_many)} faces not embedded "
+                            f"(over max_faces={predictor.max_faces})")
     backbone = predictor.get_backbone()
     return Embeddings(tuple(paths), np.array(boxes, dtype=np.int32).reshape(-1, 4),
                       np.concatenate(vectors) if vectors else np.zeros((0, backbone.dim), np.float32),
-                      f"{backbone.name} ({backbone.version})", tuple(errors))
+                      f"{backbone.name} ({backbone.version})", tuple(errors), tuple(too_many))
 
 
 _DEFAULT: dict[tuple, Predictor] = {}

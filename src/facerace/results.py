@@ -23,7 +23,8 @@ class FaceResult:
 
     `label` is always the most probable class; `uncertain` is true when `confidence`
     (its probability) is below the model's threshold for the scheme. Faces smaller than the minimum
-    size have status "too_small" and no label or probabilities.
+    size have status "too_small", faces beyond an image's `max_faces` largest have status
+    "too_many"; neither has a label or probabilities.
     """
 
     box: tuple[int, int, int, int]

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     from facerace.apps.output import FORMATS
     from facerace.backbones import BACKBONES
     from facerace.detect import DETECTORS
-    from facerace.faces import MIN_FACE
+    from facerace.faces import MAX_FACES, MIN_FACE
     from facerace.head import HeadParams
     from facerace.labels import SCHEMES
     from facerace.training.config import TrainConfig
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--column", help="CSV column holding paths (default: path or file)")
     pr.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
     pr.add_argument("--min-face", type=int, default=MIN_FACE, help="smaller faces (px) are reported, not classified")
+    pr.add_argument("--max-faces", type=int, default=MAX_FACES,
+                    help="faces classified per image, the largest; the others are reported as too_many")
     pr.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
     em = sub.add_parser("embed", help="write one face embedding (descriptor) per face to an .npz file")
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--column", help="CSV column holding paths (default: path or file)")
     em.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
     em.add_argument("--min-face", type=int, default=MIN_FACE, help="smaller faces (px) are skipped")
+    em.add_argument("--max-faces", type=int, default=MAX_FACES, help="faces embedded per image, the largest")
 
     tr = sub.add_parser("train", help="train a classifier (a head, or fine-tune the network's last layers)")
     _train_options(tr, TrainConfig(), HeadParams())
@@ -276,17 +279,18 @@ def _predict(args: argparse.Namespace) -> int:
 
     from facerace.apps.draw import annotation_paths
     from facerace.apps.output import RowWriter, output_format
-    from facerace.apps.sources import expand
+    from facerace.apps.sources import check_output, expand
     from facerace.predictor import Predictor
     from facerace.results import ImageResult
     from facerace.textout import progress_bar
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold,
-                          min_face=args.min_face)
+                          min_face=args.min_face, max_faces=args.max_faces)
     predictor.validate()  # model, scheme, detector and threshold, before any work
     fmt = output_format(args.format, args.output, sys.stdout.isatty())
     sources = expand(args.paths, column=args.column, root=args.root)
     good = [s.path for s in sources if s.error is None]
+    check_output(args.output, [*args.paths, *good])
     pictures = annotation_paths(good, args.annotate) if args.annotate else {}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -327,21 +331,25 @@ def _draw(result: ImageResult, target: Path) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from facerace.apps.sources import expand
+    from facerace.apps.sources import check_output, expand
     from facerace.predictor import Predictor, embed
 
     predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone,
-                          backbone_weights=args.backbone_weights, min_face=args.min_face)
+                          backbone_weights=args.backbone_weights, min_face=args.min_face, max_faces=args.max_faces)
     predictor.validate()
     if args.output.suffix.lower() != ".npz":  # numpy would write OUTPUT.npz, not the file named
         raise InvalidParameterError(f"embed writes a NumPy .npz file: name it *.npz, not {args.output}")
     sources = expand(args.paths, column=args.column, root=args.root)
-    result = embed([s.path for s in sources if s.error is None], predictor, progress=not args.quiet)
+    good = [s.path for s in sources if s.error is None]
+    check_output(args.output, [*args.paths, *good])
+    result = embed(good, predictor, progress=not args.quiet)
     errors = [f"{s.path}: {s.error}" for s in sources if s.error] + list(result.errors)
     result = dataclasses.replace(result, errors=tuple(errors))
     result.save(args.output)
     _say(f"{len(result.paths)} face(s) from {len(sources) - len(errors)} image(s) -> {args.output}"
-         + (f"; {len(errors)} unreadable: " + "; ".join(errors[:3]) if errors else ""), quiet=args.quiet)
+         + (f"; {len(errors)} unreadable: " + "; ".join(errors[:3]) if errors else "")
+         + (f"; only the {args.max_faces} largest faces embedded in: " + "; ".join(result.too_many[:3])
+            if result.too_many else ""), quiet=args.quiet)
     return 0
 
 
@@ -391,10 +399,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from facerace.apps.sources import check_output
     from facerace.export import export_onnx
-    from facerace.model import load_config
+    from facerace.model import load_config, resolve
 
     config = load_config(args.model)
+    check_output(args.output, resolve(args.model).iterdir())
     path = export_onnx(args.model, args.output)
     size = config.chip_size
     _show(f"{path} ({path.stat().st_size / 1e6:.1f} MB): input chips (n, {size}, {size}, 3) uint8 RGB, aligned "
@@ -419,11 +429,13 @@ def _models(args: argparse.Namespace) -> int:
 def _stream(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
+    from facerace.apps.sources import check_output
     from facerace.apps.stream import VIDEO_SUFFIXES, stream
     from facerace.predictor import Predictor
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold)
     predictor.validate()
+    check_output(args.output, [args.source])
     video = args.output if args.output and args.output.suffix.lower() in VIDEO_SUFFIXES else None
     rows_file = args.output if args.output and not video else None
     if rows_file and rows_file.suffix.lower() not in (".jsonl", ".ndjson"):

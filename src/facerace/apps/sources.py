@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import glob
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from facerace.errors import InvalidParameterError
 from facerace.images import IMAGE_SUFFIXES
@@ -28,13 +29,16 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
     A folder gives its image files (recursive, sorted); a pattern with * ? [ gives its
     matches; a `.csv` gives the paths in `column` (default `path` or `file`), relative ones
     resolved against the CSV's folder and refused outside `root` (default: that folder).
-    Raises InvalidParameterError for a missing path, a glob with no match or a bad column.
+    Folders and patterns never follow symbolic links to folders (no loops) and give each
+    file once (by its real path); the files they skip for their extension are counted on
+    stderr. Raises InvalidParameterError for a missing path, a glob with no match, a bad
+    column or a CSV that cannot be read as UTF-8 text.
     """
     out: list[Source] = []
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
-            found = [Source(str(f)) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            found = _images(p.rglob("*"), arg)
             if not found:
                 raise InvalidParameterError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             out += found
@@ -43,36 +47,94 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
         elif p.exists():
             out.append(Source(str(p)))
         elif any(ch in arg for ch in "*?["):
-            matches = sorted(m for m in glob.glob(arg, recursive=True) if Path(m).is_file())
-            if not matches:
+            found = _images(_glob(arg), arg, images_only=False)
+            if not found:
                 raise InvalidParameterError(f"no files match {arg!r}")
-            out += [Source(m) for m in matches]
+            out += found
         else:
             raise InvalidParameterError(f"{arg}: no such file or folder")
     return out
 
 
+def _glob(pattern: str) -> Iterable[Path]:
+    """The paths matching `pattern` (`**` = any folders), never following links to folders."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    base = Path(*parts[:first]) if first else Path()
+    return base.glob(str(Path(*parts[first:])))
+
+
+def _images(candidates: Iterable[Path], arg: str, *, images_only: bool = True) -> list[Source]:
+    """The files among `candidates`, sorted, each real file once; with `images_only`, only image files
+    (the others are counted on stderr)."""
+    files, seen, skipped = [], set(), []
+    for f in sorted(candidates):
+        if not f.is_file():
+            continue
+        if images_only and f.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(f)
+            continue
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            files.append(Source(str(f)))
+    if skipped:
+        kinds = sorted({f.suffix.lower() or "(no extension)" for f in skipped})
+        print(f"facerace: {arg}: skipped {len(skipped)} file(s) that are not images ({', '.join(kinds[:8])}): "
+              + ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else ""), file=sys.stderr)
+    return files
+
+
 def _from_csv(path: Path, column: str | None, root: Path | None) -> list[Source]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        name = column or next((c for c in CSV_COLUMNS if c in fields), None)
-        if name is None or name not in fields:
-            wanted = repr(column) if column else "'path' or 'file'"
-            raise InvalidParameterError(
-                f"{path}: no column {wanted}; its columns are: {', '.join(fields) or '(none)'}. "
-                f"Pass --column NAME to choose one."
-            )
-        allowed = (root or path.parent).resolve()
-        out = []
-        for line, row in enumerate(reader, start=2):
-            value = (row.get(name) or "").strip()
-            if not value:
-                out.append(Source(f"{path}:{line}", f"empty {name!r} cell"))
-                continue
-            target = Path(value) if Path(value).is_absolute() else path.parent / value
-            if not target.resolve().is_relative_to(allowed):
-                out.append(Source(value, f"outside the allowed folder {allowed} (pass --root to allow another)"))
-            else:
-                out.append(Source(str(target)))
-        return out
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return _csv_sources(path, csv.DictReader(f), column, root)
+    except UnicodeDecodeError as exc:
+        raise InvalidParameterError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the CSV as "
+                                    "UTF-8 (any spreadsheet's \"CSV UTF-8\" format)") from None
+    except OSError as exc:
+        raise InvalidParameterError(f"{path}: cannot read this CSV ({exc.strerror or exc})") from None
+
+
+def _csv_sources(path: Path, reader: csv.DictReader, column: str | None, root: Path | None) -> list[Source]:
+    """The sources in `reader`'s column `column` (default `path` or `file`) of CSV file `path`."""
+    fields = reader.fieldnames or []
+    name = column or next((c for c in CSV_COLUMNS if c in fields), None)
+    if name is None or name not in fields:
+        wanted = repr(column) if column else "'path' or 'file'"
+        raise InvalidParameterError(
+            f"{path}: no column {wanted}; its columns are: {', '.join(fields) or '(none)'}. "
+            f"Pass --column NAME to choose one."
+        )
+    allowed = (root or path.parent).resolve()
+    out = []
+    for line, row in enumerate(reader, start=2):
+        value = (row.get(name) or "").strip()
+        if not value:
+            out.append(Source(f"{path}:{line}", f"empty {name!r} cell"))
+            continue
+        target = Path(value) if Path(value).is_absolute() else path.parent / value
+        if not target.resolve().is_relative_to(allowed):
+            out.append(Source(value, f"outside the allowed folder {allowed} (pass --root to allow another)"))
+        else:
+            out.append(Source(str(target)))
+    return out
+
+
+def check_output(output: str | Path | None, inputs: Iterable[str | Path], option: str = "--output") -> None:
+    """Refuse an output that is one of `inputs` (the same file under any name or link): inputs are never
+    overwritten. An output that does not exist yet cannot be one."""
+    if output is None:
+        return
+    try:
+        target = os.stat(output)
+    except OSError:
+        return
+    for path in inputs:
+        try:
+            same = os.path.samestat(os.stat(path), target)
+        except OSError:
+            continue
+        if same:
+            raise InvalidParameterError(f"{option} {output} is the input {path}; facerace never overwrites its "
+                                        "inputs: choose another output file")

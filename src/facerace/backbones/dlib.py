@@ -9,7 +9,7 @@ import numpy as np
 
 from facerace.backbones.base import InputSpec, require_torch, tuned_space
 from facerace.backbones.dlib_format import CHIP_SIZE
-from facerace.errors import MissingDependencyError
+from facerace.errors import MissingDependencyError, ModelIntegrityError
 from facerace.files import dlib_model_file
 
 
@@ -82,8 +82,12 @@ class DlibDescriptorOnnx(DlibDescriptor):
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-            self._net = ort.InferenceSession(str(cached_onnx(self.tuned)), options,
-                                             providers=["CPUExecutionProvider"])
+            path = cached_onnx(self.tuned)
+            try:
+                self._net = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
+                raise ModelIntegrityError(f"{path} is not a usable ONNX network ({type(exc).__name__}); "
+                                          "delete it and facerace rebuilds it") from None
         return self._net.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
 
 

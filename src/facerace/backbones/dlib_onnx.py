@@ -7,6 +7,7 @@ under the cache folder, keyed by the SHA-256 of the weights file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -96,20 +97,33 @@ def build_onnx(path: str | Path | None = None, weights: dict[str, np.ndarray] | 
 
 def cached_onnx(weights: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
     """The ONNX file for face-recognition-models' weights (with a fine-tuned `weights` file's layers
-    swapped in), built on first use into the cache folder."""
-    from facerace.files import default_cache_dir, dlib_model_file, sha256_file
+    swapped in), built on first use into the cache folder with its SHA-256 beside it (`.sha256`).
+
+    A cached file whose SHA-256 is not the one recorded when it was built (modified or damaged) is
+    rebuilt, and that is said on stderr.
+    """
+    from facerace.files import default_cache_dir, dlib_model_file, notice, sha256_file
 
     source = dlib_model_file(MODEL_FILE)
     key = sha256_file(source)[:16] + (f"-ft-{sha256_file(Path(weights))[:16]}" if weights else "")
     target = Path(cache_dir or default_cache_dir()) / "models" / f"dlib-resnet-v1-{key}.onnx"
-    if not target.is_file():
-        tensors = None
-        if weights:
-            from safetensors.numpy import load_file
+    recorded = target.with_name(target.name + ".sha256")
+    if target.is_file():
+        expected = recorded.read_text().strip() if recorded.is_file() else None
+        if expected == sha256_file(target):
+            return target
+        notice(f"{target} does not have the SHA-256 recorded when it was built "
+               f"({'modified or damaged' if expected else 'none recorded'}); rebuilding it")
+    tensors = None
+    if weights:
+        from safetensors.numpy import load_file
 
-            tensors = load_file(str(weights))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".tmp{os.getpid()}")
-        partial.write_bytes(build_onnx(source, tensors))
-        partial.replace(target)  # atomic: concurrent workers never read half a file
+        tensors = load_file(str(weights))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = build_onnx(source, tensors)
+    partial = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    partial.write_bytes(model)
+    partial.replace(target)  # atomic: concurrent workers never read half a file
+    partial.write_text(hashlib.sha256(model).hexdigest() + "\n")
+    partial.replace(recorded)
     return target

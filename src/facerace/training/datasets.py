@@ -148,27 +148,41 @@ def read_folder(root: Path, split: str) -> Dataset:
     from facerace.images import IMAGE_SUFFIXES
 
     base = root / split if (root / split).is_dir() else root
-    rows = [(f, d.name, None, None, str(f.relative_to(root)))
-            for d in sorted(p for p in base.iterdir() if p.is_dir() and p.name not in ("train", "val", "test"))
-            for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(d, f) for d in sorted(p for p in base.iterdir() if p.is_dir() and p.name not in ("train", "val", "test"))
+             for f in sorted(d.rglob("*")) if f.is_file()]
+    rows = [(f, d.name, None, None, str(f.relative_to(root))) for d, f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if not rows:
         raise DatasetError(f"{base}: no class sub-folders with images (want {base}/<class>/<image>.jpg)")
-    return _labelled("folder", root, split if base != root else "all", rows)
+    ds = _labelled("folder", root, split if base != root else "all", rows)
+    ds.problems += [f"{f.relative_to(root)}: not an image file ({f.suffix or 'no extension'}), skipped"
+                    for _, f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+    return ds
+
+
+def read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(column names, [(line number, row)]) of a CSV file, UTF-8 with or without a byte-order mark;
+    DatasetError naming the file if it cannot be read or is not UTF-8."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(enumerate(reader, start=2))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read this file ({exc.strerror or exc})") from None
 
 
 def read_csv(path: Path, split: str, path_column: str, label_column: str) -> Dataset:
     """A CSV of image paths and labels (optional `split`, `gender`, `age` columns)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        missing = [c for c in (path_column, label_column) if c not in fields]
-        if missing:
-            raise DatasetError(f"{path}: no column {missing[0]!r}; its columns are: {', '.join(fields)}. "
-                               "Pass --path-column and --label-column")
-        has_split = "split" in fields
-        rows = [(path.parent / r[path_column], r[label_column], r.get("gender") or None, r.get("age") or None,
-                 f"{path.name}:{line}")
-                for line, r in enumerate(reader, start=2) if not has_split or r["split"] == split]
+    fields, table = read_table(path)
+    missing = [c for c in (path_column, label_column) if c not in fields]
+    if missing:
+        raise DatasetError(f"{path}: no column {missing[0]!r}; its columns are: {', '.join(fields)}. "
+                           "Pass --path-column and --label-column")
+    has_split = "split" in fields
+    rows = [(path.parent / (r[path_column] or ""), r[label_column] or "", r.get("gender") or None,
+             r.get("age") or None, f"{path.name}:{line}")
+            for line, r in table if not has_split or r["split"] == split]
     return _labelled("csv", path, split if has_split else "all", rows)
 
 
@@ -185,20 +199,19 @@ def read_fairface(root: Path, split: str) -> Dataset:
     from facerace.labels import SCHEMES
 
     races = SCHEMES["fairface7"].classes
-    with open(label_file, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"file", "race"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"{label_file}: missing column(s) {sorted(missing)}; "
-                               f"expected the official header file,age,gender,race,service_test")
-        for line, row in enumerate(reader, start=2):
-            path = root / row["file"]
-            if row["race"] not in races:
-                problems.append(f"{label_file.name}:{line}: unknown race {row['race']!r}")
-            elif not path.is_file():
-                problems.append(f"{label_file.name}:{line}: {row['file']} is missing")
-            else:
-                samples.append(Sample(path, row["race"], row.get("gender") or None, row.get("age") or None))
+    fields, table = read_table(label_file)
+    missing = {"file", "race"} - set(fields)
+    if missing:
+        raise DatasetError(f"{label_file}: missing column(s) {sorted(missing)}; "
+                           f"expected the official header file,age,gender,race,service_test")
+    for line, row in table:
+        path = root / (row["file"] or "")
+        if row["race"] not in races:
+            problems.append(f"{label_file.name}:{line}: unknown race {row['race']!r}")
+        elif not path.is_file():
+            problems.append(f"{label_file.name}:{line}: {row['file']} is missing")
+        else:
+            samples.append(Sample(path, row["race"], row.get("gender") or None, row.get("age") or None))
     if not samples and problems:
         raise DatasetError(f"none of the images listed in {label_file} exist: {problems[0]}. "
                            + _fairface_images_hint(root, problems[0]))
@@ -247,7 +260,8 @@ def read_utkface(root: Path, split: str) -> Dataset:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".jpg")
     if not files:
         raise DatasetError(f"{folder}: no .jpg files; point utkface: to the UTKFace folder or its parent")
-    samples, problems = [], []
+    samples, problems = [], [f"{p.name}: not a .jpg file, skipped" for p in sorted(folder.iterdir())
+                             if p.is_file() and p.suffix.lower() != ".jpg"]
     for p in files:
         parsed = parse_utk_name(p.name)
         if isinstance(parsed, str):

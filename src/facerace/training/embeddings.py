@@ -45,6 +45,19 @@ class CropEmbedder:
         return self.pipeline.embed(chip[None])[0], detected, None
 
 
+def file_digests(paths: Sequence[str | Path], *, progress: bool = True) -> tuple[list[str | None], dict[int, str]]:
+    """(SHA-256 of every file, None where it cannot be read; {index: reason} of those), with a progress bar."""
+    digests: list[str | None] = []
+    unreadable: dict[int, str] = {}
+    for i, path in enumerate(progress_bar(paths, quiet=not progress, desc="hashing", leave=False)):
+        try:
+            digests.append(sha256_file(path))
+        except OSError as exc:  # permission denied, deleted since listed, a folder, ...
+            digests.append(None)
+            unreadable[i] = f"cannot read the file ({exc.strerror or exc})"
+    return digests, unreadable
+
+
 @dataclass
 class Embedded:
     """Embeddings of a list of files: rows align with `ok` (files that could be read); `digests` (SHA-256 of
@@ -75,9 +88,10 @@ def embed_files(
     """
     cache = EmbeddingCache(cache_dir)
     key = embedder.cache_key
-    digests = [sha256_file(p) for p in progress_bar(paths, quiet=not progress, desc="hashing", leave=False)]
-    found = cache.get_many(key, sorted(set(digests)))
-    todo = sorted({d: i for i, d in enumerate(digests) if d not in found}.values())
+    dim = embedder.pipeline.make_backbone().dim
+    digests, unreadable = file_digests(paths, progress=progress)
+    found = cache.get_many(key, sorted({d for d in digests if d}), dim)
+    todo = sorted({d: i for i, d in enumerate(digests) if d and d not in found}.values())
     failed: dict[str, str] = {}
     batch = batch or 16 * worker_count(workers, len(todo))
     outputs = ordered_map(embedder, [str(paths[i]) for i in todo], workers=workers, chunksize=4)
@@ -97,9 +111,8 @@ def embed_files(
         finally:
             outputs.close()
             cache.close()
-    dim = embedder.pipeline.make_backbone().dim
     ok = np.array([d in found for d in digests], dtype=bool)
-    errors = {i: failed[d] for i, d in enumerate(digests) if d in failed}
+    errors = {**unreadable, **{i: failed[d] for i, d in enumerate(digests) if d in failed}}
     vectors = np.array([found[d][0] for d in digests if d in found], np.float32).reshape(-1, dim)
     detected = np.array([found[d][1] for d in digests if d in found], dtype=bool)
     return Embedded(vectors, detected, ok, errors, computed=len(todo), digests=digests)

@@ -17,7 +17,7 @@ from facerace.training.embeddings import CropEmbedder, embed_files
 from facerace.training.metrics import classification_metrics, group_metrics, reliability, wilson
 from facerace.training.modelcard import evaluation_markdown
 from facerace.training.plots import plot_confusion, plot_reliability
-from facerace.training.runs import environment, new_run_dir, write_json
+from facerace.training.runs import discard_if_empty, environment, new_run_dir, write_json
 
 
 def common_scheme(model_scheme: str, data_scheme: str) -> str:
@@ -59,9 +59,13 @@ def evaluate(
     if not keep:
         raise DatasetError(f"{data}: no images whose class exists in scheme {scheme!r}")
     run = new_run_dir(out, "evaluate")
-    embedder = CropEmbedder(model_pipeline(model, config), ds.face_padding)
-    emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=workers,
-                      progress=not quiet, desc=f"embedding {ds.kind}")
+    try:
+        embedder = CropEmbedder(model_pipeline(model, config), ds.face_padding)
+        emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=workers,
+                          progress=not quiet, desc=f"embedding {ds.kind}")
+    except BaseException:
+        discard_if_empty(run)  # no empty run folder is left behind
+        raise
     samples = [s for s, ok in zip(keep, emb.ok) if ok]
     overlap = training_overlap(model, config, [d for d, ok in zip(emb.digests, emb.ok) if ok])
     notes = _warnings(data, ds.split, split, len(samples), overlap)

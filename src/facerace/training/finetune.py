@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from facerace.backbones import create_network
-from facerace.errors import ImageError
+from facerace.errors import CheckpointError, ImageError
 from facerace.faces import FacePipeline
-from facerace.files import default_cache_dir, sha256_file
+from facerace.files import default_cache_dir, notice, sha256_file
 from facerace.head import History, RaceHead, fit_temperature, softmax
 from facerace.images import load_image
 from facerace.parallel import ordered_map, worker_count
@@ -94,16 +94,29 @@ class FeatureStore:
 
     def __init__(self, directory: Path, n: int, shape: tuple[int, ...]) -> None:
         self.directory = directory
+        self.computed = 0
         directory.mkdir(parents=True, exist_ok=True)
         features, done = directory / "features.npy", directory / "done.npy"
-        if features.is_file() and done.is_file():
-            self.features = np.load(features, mmap_mode="r+")
-            self.done = np.load(done)
-            self.detected = np.load(directory / "detected.npy")
-        else:
-            self.features = np.lib.format.open_memmap(features, "w+", np.float16, (n, *shape))
-            self.done, self.detected = np.zeros(n, bool), np.zeros(n, bool)
-        self.computed = 0
+        if features.is_file() and done.is_file() and self._reopen(n, shape):
+            return
+        self.features = np.lib.format.open_memmap(features, "w+", np.float16, (n, *shape))
+        self.done, self.detected = np.zeros(n, bool), np.zeros(n, bool)
+
+    def _reopen(self, n: int, shape: tuple[int, ...]) -> bool:
+        """Open the stored arrays; False (and a notice) if they are damaged or of other shapes."""
+        try:
+            self.features = np.load(self.directory / "features.npy", mmap_mode="r+")
+            self.done = np.load(self.directory / "done.npy")
+            self.detected = np.load(self.directory / "detected.npy")
+            ok_features = self.features.shape == (n, *shape) and self.features.dtype == np.float16
+            ok_masks = self.done.shape == self.detected.shape == (n,) and self.done.dtype == self.detected.dtype == bool
+            if ok_features and ok_masks:
+                return True
+            problem = "arrays of other shapes"
+        except (OSError, ValueError, EOFError) as exc:
+            problem = str(exc)
+        notice(f"the stored views in {self.directory} are damaged ({problem}); computing them again")
+        return False
 
     def commit(self) -> None:
         """Flush features, then the masks that say which rows hold them (so a kill never marks a half-written row)."""
@@ -198,14 +211,18 @@ def fit(store: FeatureStore, y: np.ndarray, split: tuple[np.ndarray, np.ndarray]
     history, best, wait, start = History(), np.inf, 0, 0
     best_state = None
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        suffix.load_state_dict(state["suffix"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        mean, scale, history, best, wait, best_state = (state[k] for k in ("mean", "scale", "history", "best",
-                                                                            "wait", "best_state"))
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+        state = load_checkpoint(checkpoint)
+        try:
+            suffix.load_state_dict(state["suffix"])
+            head.load_state_dict(state["head"])
+            optimizer.load_state_dict(state["optimizer"])
+            mean, scale, best, wait, best_state = (state[k] for k in ("mean", "scale", "best", "wait", "best_state"))
+            history = History(**state["history"])
+            rng.bit_generator.state = state["rng"]
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{checkpoint} does not belong to this run's settings ({exc}); delete it to "
+                                  "start the fine-tuning again") from None
         start = len(history.train_loss)
     yt = torch.from_numpy(y)
 
@@ -244,8 +261,9 @@ def fit(store: FeatureStore, y: np.ndarray, split: tuple[np.ndarray, np.ndarray]
         else:
             wait += 1
         partial = checkpoint.with_suffix(".tmp")
+        # tensors, numbers, strings, lists and dicts only: `load_checkpoint` reads it with weights_only=True
         torch.save({"suffix": suffix.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                    "mean": mean, "scale": scale, "history": history, "best": best, "wait": wait,
+                    "mean": mean, "scale": scale, "history": asdict(history), "best": float(best), "wait": wait,
                     "best_state": best_state, "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state()}, partial)
         partial.replace(checkpoint)
@@ -263,6 +281,23 @@ def fit(store: FeatureStore, y: np.ndarray, split: tuple[np.ndarray, np.ndarray]
     tuned = {name: p.detach().numpy().copy() for name, p in net.named_parameters()
              if any(p is q for q in suffix.parameters())}
     return FineTuned(race_head, tuned, softmax(val_logits / race_head.temperature_))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A fine-tuning checkpoint, read as tensors and plain values only (never unpickling code)."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} is not a checkpoint this facerace wrote, or is damaged; it was not loaded "
+                              f"({reason}). Delete it to start the fine-tuning again") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a facerace checkpoint; delete it to start the fine-tuning again")
+    return state
 
 
 def _copy(state: dict) -> dict:

@@ -33,6 +33,12 @@ def new_run_dir(out: str | Path | None, verb: str, name: str | None = None) -> P
     return path
 
 
+def discard_if_empty(path: Path) -> None:
+    """Remove a run folder that nothing was written into (the run failed before its first file)."""
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
 def write_json(path: Path, data: Any) -> Path:
     """Write indented JSON (with a trailing newline)."""
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -13,14 +13,13 @@ import numpy as np
 from facerace.backbones import BACKBONES, InputSpec, create_backbone, create_network, fine_tunable
 from facerace.errors import DatasetError, FaceraceWarning, InvalidParameterError, TrainingInterrupted
 from facerace.faces import FacePipeline
-from facerace.files import sha256_file
 from facerace.head import RaceHead
 from facerace.labels import convert_label, get_scheme
 from facerace.model import ModelConfig, save_model
 from facerace.textout import CsvWriter, progress_bar
 from facerace.training.config import TrainConfig
 from facerace.training.datasets import Dataset, Sample, open_dataset
-from facerace.training.embeddings import CropEmbedder, embed_files
+from facerace.training.embeddings import CropEmbedder, embed_files, file_digests
 from facerace.training.finetune import ViewActivations, compute_views, fit
 from facerace.training.metrics import classification_metrics, scheme_thresholds
 from facerace.training.plots import plot_loss
@@ -93,17 +92,19 @@ def load_views(config: TrainConfig, activations: ViewActivations, *, cache_dir=N
     classes = get_scheme(config.scheme).classes
     paths, digests, paddings, ys, spans = [], [], [], [], []
     for spec, ds, keep in labelled(config):
-        spans.append((spec, ds, keep, len(paths)))
-        paths += [str(s.path) for s in keep]
-        digests += [sha256_file(s.path) for s in progress_bar(keep, quiet=quiet, desc="hashing", leave=False)]
-        paddings += [ds.face_padding] * len(keep)
-        ys += [classes.index(convert_label(s.label, ds.scheme, config.scheme)) for s in keep]
+        hashes, _ = file_digests([s.path for s in keep], progress=not quiet)  # unreadable files: None, left out
+        readable = [(s, h) for s, h in zip(keep, hashes) if h]
+        spans.append((spec, ds, keep, len(paths), len(readable)))
+        paths += [str(s.path) for s, _ in readable]
+        digests += [h for _, h in readable]
+        paddings += [ds.face_padding] * len(readable)
+        ys += [classes.index(convert_label(s.label, ds.scheme, config.scheme)) for s, _ in readable]
     store = compute_views(paths, digests, paddings, activations, cache_dir=cache_dir, workers=workers,
                           progress=not quiet)
     report = {}
-    for spec, ds, keep, start in spans:
-        done = store.done[start : start + len(keep)]
-        detected = store.detected[start : start + len(keep)][done]
+    for spec, ds, keep, start, count in spans:
+        done = store.done[start : start + count]
+        detected = store.detected[start : start + count][done]
         report[spec] = {**_report(ds, keep, int(done.sum()), len(keep) - int(done.sum()), detected),
                         "computed_now": store.computed,
                         "views": {"path": str(store.directory), "shape": list(store.features.shape),
