@@ -417,9 +417,13 @@ def test_output_onto_an_input_is_refused(tmp_path, faces, model_copy):
     (tmp_path / "alias.jpg").symlink_to(photo)
     (tmp_path / "list.csv").write_text("path\nphoto.jpg\n")
     before = photo.read_bytes()
-    for args in (("predict", photo, "-o", photo), ("predict", photo, "-o", tmp_path / "alias.jpg"),
-                 ("predict", tmp_path, "-o", photo), ("predict", tmp_path / "list.csv", "-o", tmp_path / "list.csv"),
-                 ("embed", photo, "-o", photo), ("export", "--model", model_copy, "-o", model_copy / "head.safetensors")):
+    shutil.copy(faces[0], tmp_path / "picture.npz")  # a JPEG under the name embed writes
+    for args in (("predict", photo, "-o", photo, "--format", "csv"),
+                 ("predict", photo, "-o", tmp_path / "alias.jpg", "--format", "csv"),
+                 ("predict", tmp_path, "-o", photo, "--format", "csv"),
+                 ("predict", tmp_path / "list.csv", "-o", tmp_path / "list.csv"),
+                 ("embed", tmp_path / "picture.npz", "-o", tmp_path / "picture.npz"),
+                 ("export", "--model", model_copy, "-o", model_copy / "head.safetensors")):
         code, out, err = run(*args)
         assert code == 2 and "never overwrites its inputs" in err and "Traceback" not in err, args
     assert photo.read_bytes() == before and (tmp_path / "list.csv").read_text() == "path\nphoto.jpg\n"
