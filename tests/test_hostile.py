@@ -213,6 +213,12 @@ def test_csv_of_paths_not_utf8_is_a_usage_error_naming_it(tmp_path, faces):
     (tmp_path / "list.csv").write_bytes("path\ncaf\u00e9.jpg\n".encode("latin-1"))
     code, out, err = run("predict", tmp_path / "list.csv")
     assert code == 2 and "list.csv: not UTF-8" in err and "Traceback" not in err and out == ""
+    (tmp_path / "list.csv").write_text("path\n" + "x" * 200_000 + "\n")  # over the csv module's field limit
+    code, out, err = run("predict", tmp_path / "list.csv")
+    assert code == 2 and "list.csv: not a CSV file of paths" in err and "Traceback" not in err
+    (tmp_path / "list.csv").write_text('path\n"a\x00b.jpg"\ncaf\u00e9.jpg\n')
+    code, out, err = run("predict", tmp_path / "list.csv", "--workers", "1")
+    assert code == 0 and [r["status"] for r in rows(out)] == ["error", "ok"] and "NUL" in out
 
 
 def test_label_csvs_with_a_bom_are_read_and_non_utf8_ones_named(tmp_path, faces):
@@ -341,6 +347,14 @@ def test_a_head_that_matches_its_hash_but_is_not_a_head(model_copy):
     _edit(model_copy, sha256=sha256_file(model_copy / "head.safetensors"))
     with pytest.raises(ModelIntegrityError, match="head.safetensors: not a head"):
         load_model(model_copy)
+
+
+def test_malformed_run_folder_is_refused_on_resume(tmp_path):
+    (tmp_path / "run").mkdir()
+    for text in ('{"data": ', "[]", '"text"'):
+        (tmp_path / "run" / "config.json").write_text(text)
+        code, out, err = run("train", "--resume", tmp_path / "run")
+        assert code == 2 and "config.json was not written by this facerace version" in err and "Traceback" not in err
 
 
 def test_unfinished_training_run_is_named_as_such(tmp_path):

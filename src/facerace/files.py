@@ -21,8 +21,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def notice(message: str) -> None:
-    """Tell the user something was repaired or skipped (one line on stderr); results are unaffected."""
-    print(f"facerace: {message}", file=sys.stderr)
+    """Tell the user something was repaired or skipped (one line on stderr, control characters escaped)."""
+    from facerace.textout import printable
+
+    print(f"facerace: {printable(message)}", file=sys.stderr)
 
 
 def default_cache_dir() -> Path:

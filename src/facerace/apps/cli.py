@@ -288,7 +288,7 @@ def _predict(args: argparse.Namespace) -> int:
                           min_face=args.min_face, max_faces=args.max_faces)
     predictor.validate()  # model, scheme, detector and threshold, before any work
     fmt = output_format(args.format, args.output, sys.stdout.isatty())
-    sources = expand(args.paths, column=args.column, root=args.root)
+    sources = expand(args.paths, column=args.column, root=args.root, quiet=args.quiet)
     good = [s.path for s in sources if s.error is None]
     check_output(args.output, [*args.paths, *good])
     pictures = annotation_paths(good, args.annotate) if args.annotate else {}
@@ -339,7 +339,7 @@ def _embed(args: argparse.Namespace) -> int:
     predictor.validate()
     if args.output.suffix.lower() != ".npz":  # numpy would write OUTPUT.npz, not the file named
         raise InvalidParameterError(f"embed writes a NumPy .npz file: name it *.npz, not {args.output}")
-    sources = expand(args.paths, column=args.column, root=args.root)
+    sources = expand(args.paths, column=args.column, root=args.root, quiet=args.quiet)
     good = [s.path for s in sources if s.error is None]
     check_output(args.output, [*args.paths, *good])
     result = embed(good, predictor, progress=not args.quiet)

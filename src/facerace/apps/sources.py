@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from facerace.errors import InvalidParameterError
+from facerace.files import notice
 from facerace.images import IMAGE_SUFFIXES
 
 CSV_COLUMNS = ("path", "file")
@@ -23,7 +23,8 @@ class Source:
     error: str | None = None
 
 
-def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path | None = None) -> list[Source]:
+def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path | None = None,
+           quiet: bool = False) -> list[Source]:
     """Expand PATH arguments into images, in order.
 
     A folder gives its image files (recursive, sorted); a pattern with * ? [ gives its
@@ -31,14 +32,14 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
     resolved against the CSV's folder and refused outside `root` (default: that folder).
     Folders and patterns never follow symbolic links to folders (no loops) and give each
     file once (by its real path); the files they skip for their extension are counted on
-    stderr. Raises InvalidParameterError for a missing path, a glob with no match, a bad
+    stderr (unless `quiet`). Raises InvalidParameterError for a missing path, a glob with no match, a bad
     column or a CSV that cannot be read as UTF-8 text.
     """
     out: list[Source] = []
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
-            found = _images(p.rglob("*"), arg)
+            found = _images(p.rglob("*"), arg, quiet=quiet)
             if not found:
                 raise InvalidParameterError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             out += found
@@ -47,7 +48,7 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
         elif p.exists():
             out.append(Source(str(p)))
         elif any(ch in arg for ch in "*?["):
-            found = _images(_glob(arg), arg, images_only=False)
+            found = _images(_glob(arg), arg, images_only=False, quiet=quiet)
             if not found:
                 raise InvalidParameterError(f"no files match {arg!r}")
             out += found
@@ -64,9 +65,9 @@ def _glob(pattern: str) -> Iterable[Path]:
     return base.glob(str(Path(*parts[first:])))
 
 
-def _images(candidates: Iterable[Path], arg: str, *, images_only: bool = True) -> list[Source]:
+def _images(candidates: Iterable[Path], arg: str, *, images_only: bool = True, quiet: bool = False) -> list[Source]:
     """The files among `candidates`, sorted, each real file once; with `images_only`, only image files
-    (the others are counted on stderr)."""
+    (the others are counted on stderr unless `quiet`)."""
     files, seen, skipped = [], set(), []
     for f in sorted(candidates):
         if not f.is_file():
@@ -78,10 +79,10 @@ def _images(candidates: Iterable[Path], arg: str, *, images_only: bool = True) -
         if real not in seen:
             seen.add(real)
             files.append(Source(str(f)))
-    if skipped:
+    if skipped and not quiet:
         kinds = sorted({f.suffix.lower() or "(no extension)" for f in skipped})
-        print(f"facerace: {arg}: skipped {len(skipped)} file(s) that are not images ({', '.join(kinds[:8])}): "
-              + ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else ""), file=sys.stderr)
+        notice(f"{arg}: skipped {len(skipped)} file(s) that are not images ({', '.join(kinds[:8])}): "
+               + ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     return files
 
 
@@ -92,6 +93,8 @@ def _from_csv(path: Path, column: str | None, root: Path | None) -> list[Source]
     except UnicodeDecodeError as exc:
         raise InvalidParameterError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the CSV as "
                                     "UTF-8 (any spreadsheet's \"CSV UTF-8\" format)") from None
+    except csv.Error as exc:  # a field over the csv module's size limit, ...
+        raise InvalidParameterError(f"{path}: not a CSV file of paths ({exc})") from None
     except OSError as exc:
         raise InvalidParameterError(f"{path}: cannot read this CSV ({exc.strerror or exc})") from None
 
@@ -110,8 +113,8 @@ def _csv_sources(path: Path, reader: csv.DictReader, column: str | None, root: P
     out = []
     for line, row in enumerate(reader, start=2):
         value = (row.get(name) or "").strip()
-        if not value:
-            out.append(Source(f"{path}:{line}", f"empty {name!r} cell"))
+        if not value or "\x00" in value:
+            out.append(Source(f"{path}:{line}", f"{'empty' if not value else 'NUL character in the'} {name!r} cell"))
             continue
         target = Path(value) if Path(value).is_absolute() else path.parent / value
         if not target.resolve().is_relative_to(allowed):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from facerace.backbones.dlib_format import CHIP_SIZE, MEAN_RGB, MODEL_FILE, apply_weights, network, read_dlib_resnet
+from facerace.errors import CacheError
 
 OPSET = 17
 
@@ -109,9 +110,12 @@ def cached_onnx(weights: str | Path | None = None, cache_dir: str | Path | None 
     target = Path(cache_dir or default_cache_dir()) / "models" / f"dlib-resnet-v1-{key}.onnx"
     recorded = target.with_name(target.name + ".sha256")
     if target.is_file():
-        expected = recorded.read_text().strip() if recorded.is_file() else None
-        if expected == sha256_file(target):
-            return target
+        try:
+            expected = recorded.read_text().strip() if recorded.is_file() else None
+            if expected == sha256_file(target):
+                return target
+        except OSError:
+            expected = "?"
         notice(f"{target} does not have the SHA-256 recorded when it was built "
                f"({'modified or damaged' if expected else 'none recorded'}); rebuilding it")
     tensors = None
@@ -119,11 +123,15 @@ def cached_onnx(weights: str | Path | None = None, cache_dir: str | Path | None 
         from safetensors.numpy import load_file
 
         tensors = load_file(str(weights))
-    target.parent.mkdir(parents=True, exist_ok=True)
     model = build_onnx(source, tensors)
     partial = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    partial.write_bytes(model)
-    partial.replace(target)  # atomic: concurrent workers never read half a file
-    partial.write_text(hashlib.sha256(model).hexdigest() + "\n")
-    partial.replace(recorded)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(model)
+        partial.replace(target)  # atomic: concurrent workers never read half a file
+        partial.write_text(hashlib.sha256(model).hexdigest() + "\n")
+        partial.replace(recorded)
+    except OSError as exc:
+        raise CacheError(f"cannot write {target} ({exc.strerror or exc}); set FACERACE_CACHE to a writable "
+                         "folder") from None
     return target

@@ -168,6 +168,8 @@ def read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]
             return list(reader.fieldnames or []), list(enumerate(reader, start=2))
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    except csv.Error as exc:  # a field over the csv module's size limit, ...
+        raise DatasetError(f"{path}: not a CSV file ({exc})") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read this file ({exc.strerror or exc})") from None
 

@@ -233,11 +233,11 @@ def resume(run: str | Path, *, cache_dir: str | Path | None = None, workers: int
     path = Path(run) / "config.json"
     if not path.is_file():
         raise InvalidParameterError(f"{run} is not a training run folder (no config.json)")
-    settings = json.loads(path.read_text())
-    settings.pop("environment", None)
     try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        settings.pop("environment", None)
         config = TrainConfig.from_dict(settings)
-    except (InvalidParameterError, TypeError) as exc:
+    except (InvalidParameterError, TypeError, ValueError, AttributeError) as exc:  # also: not JSON, not an object
         raise InvalidParameterError(f"{path} was not written by this facerace version ({exc}); "
                                     "start a new run instead") from None
     return train(config, out=run, cache_dir=cache_dir, workers=workers, quiet=quiet, resume=True)
