@@ -104,7 +104,7 @@ def _config_problems(d: Any) -> list[str]:
     for name, known_names in (("scheme", SCHEMES), ("backbone", BACKBONES), ("detector", DETECTORS)):
         if isinstance(d.get(name), str) and d[name] not in known_names:
             problems.append(f"unknown {name} {d[name]!r} (this facerace knows {', '.join(known_names)})")
-    for name in ("weights", "tuned"):
+    for name in ("weights", "tuned", "training_files"):
         value = d.get(name)
         if isinstance(value, str) and value and (Path(value).name != value or value in (".", "..")):
             problems.append(f"{name!r} must name a file in the model folder, not {value!r}")

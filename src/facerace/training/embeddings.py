@@ -61,14 +61,14 @@ def file_digests(paths: Sequence[str | Path], *, progress: bool = True) -> tuple
 @dataclass
 class Embedded:
     """Embeddings of a list of files: rows align with `ok` (files that could be read); `digests` (SHA-256 of
-    each file's bytes) align with the files."""
+    each file's bytes, None for a file that could not be read) align with the files."""
 
     vectors: np.ndarray
     detected: np.ndarray
     ok: np.ndarray
     errors: dict[int, str]
     computed: int
-    digests: list[str]
+    digests: list[str | None]
 
 
 def embed_files(
