@@ -43,7 +43,8 @@ def test_onnx_file_is_built_once_and_cached(tmp_path):
     first = cached_onnx(cache_dir=tmp_path)
     stamp = first.stat().st_mtime_ns
     assert cached_onnx(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert list(first.parent.iterdir()) == [first]  # no partial files left behind
+    # no partial files left behind: the network and its recorded SHA-256
+    assert sorted(first.parent.iterdir()) == [first, first.with_name(first.name + ".sha256")]
 
 
 def test_flip_average_is_the_mean_of_chip_and_mirror(chips):

@@ -201,7 +201,7 @@ def test_glob_through_symlink_loops_ends_and_gives_each_file_once(tmp_path, face
     shutil.copy(faces[1], root / "sub" / "b.jpg")
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
     (root / "sub" / "again.jpg").symlink_to(root / "a.jpg")
-    for arg in (f"{root}/**/*.jpg", str(root)):
+    for arg in (f"{root}/**/*.jpg", f"{root}/**", str(root)):
         found = [s.path for s in expand([arg])]
         assert sorted(os.path.realpath(p) for p in found) == sorted(
             os.path.realpath(p) for p in (root / "a.jpg", root / "sub" / "b.jpg")), arg

@@ -58,11 +58,12 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
 
 
 def _glob(pattern: str) -> Iterable[Path]:
-    """The paths matching `pattern` (`**` = any folders), never following links to folders."""
+    """The paths matching `pattern` (`**` = any folders; a final `**` = every file below), never following
+    links to folders."""
     parts = Path(pattern).parts
     first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
     base = Path(*parts[:first]) if first else Path()
-    return base.glob(str(Path(*parts[first:])))
+    return base.glob(str(Path(*parts[first:], *(["*"] if parts[-1] == "**" else []))))
 
 
 def _images(candidates: Iterable[Path], arg: str, *, images_only: bool = True, quiet: bool = False) -> list[Source]:
