@@ -437,7 +437,8 @@ def test_output_onto_an_input_is_refused(tmp_path, faces, model_copy):
                  ("predict", tmp_path, "-o", photo, "--format", "csv"),
                  ("predict", tmp_path / "list.csv", "-o", tmp_path / "list.csv"),
                  ("embed", tmp_path / "picture.npz", "-o", tmp_path / "picture.npz"),
-                 ("export", "--model", model_copy, "-o", model_copy / "head.safetensors")):
+                 ("export", "--model", model_copy, "-o", model_copy / "head.safetensors"),
+                 ("stream", "--source", photo, "-o", photo)):
         code, out, err = run(*args)
         assert code == 2 and "never overwrites its inputs" in err and "Traceback" not in err, args
     assert photo.read_bytes() == before and (tmp_path / "list.csv").read_text() == "path\nphoto.jpg\n"
