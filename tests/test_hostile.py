@@ -17,7 +17,7 @@ from PIL import Image
 
 from facerace.apps.cli import main
 from facerace.apps.sources import expand
-from facerace.detect import MAX_SIDE, SearchingDetector, _clip, create_detector
+from facerace.detect import MAX_SIDE, SearchingDetector, clip_box, create_detector
 from facerace.errors import ImageError, ModelIntegrityError, ModelNotFoundError
 from facerace.faces import EMBED_BATCH, FacePipeline
 from facerace.images import load_image
@@ -117,9 +117,21 @@ def test_unreadable_csv_of_paths_is_a_usage_error(tmp_path, locked):
 def test_box_clipping_refuses_non_finite_empty_and_outside_boxes():
     for box in ((np.inf, 0, 10, 10), (0, np.nan, 10, 10), (0, 0, 1e308, 1e308), (5, 5, 0, 10), (5, 5, -3, 10),
                 (-90, 0, 100, 100), (200, 0, 50, 50)):
-        assert _clip(*box, 100, 100) is None, box
-    assert _clip(-10, -10, 100, 100, 100, 100) == (0, 0, 90, 90)
-    assert _clip(1e300, 0, 1e300, 10, 100, 100) is None
+        assert clip_box(*box, 100, 100) is None, box
+    assert clip_box(-10, -10, 100, 100, 100, 100) == (0, 0, 90, 90)
+    assert clip_box(1e300, 0, 1e300, 10, 100, 100) is None
+
+
+def test_boxes_given_by_the_caller_are_clipped_or_refused(faces):
+    from facerace import Predictor
+    from facerace.detect import Detection
+
+    predictor = Predictor()
+    for box in ((10**12, 0, 50, 50), (-500, -500, 100, 100), (5000, 5000, 100, 100), (10, 10, 0, 50)):
+        result = predictor.predict_image(faces[0], faces=[Detection(box, 1.0)])
+        assert result.status == "error" and "outside the 224x224 image" in result.error, box
+    (face,) = predictor.predict_image(faces[0], faces=[Detection((-20, 30, 200, 180), 1.0)]).faces
+    assert face.box == (0, 30, 180, 180) and face.status == "ok"
 
 
 @pytest.mark.parametrize("name", ["yunet", "hog", "haar", "none"])

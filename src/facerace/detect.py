@@ -42,7 +42,7 @@ MIN_INSIDE = 0.5
 MIN_STD = 4.0
 
 
-def _clip(x: float, y: float, w: float, h: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+def clip_box(x: float, y: float, w: float, h: float, width: int, height: int) -> tuple[int, int, int, int] | None:
     """The box [x, y, w, h] clipped to the image, or None if it is not finite, empty or mostly outside."""
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
         return None
@@ -89,10 +89,10 @@ class SearchingDetector:
         height, width = rgb.shape[:2]
         found = []
         for x, y, w, h, score in self.search(small):
-            box = _clip(x, y, w, h, small.shape[1], small.shape[0])
+            box = clip_box(x, y, w, h, small.shape[1], small.shape[0])
             if box is None or _plain(gray, box) or not math.isfinite(score):
                 continue
-            full = box if scale == 1.0 else _clip(x / scale, y / scale, w / scale, h / scale, width, height)
+            full = box if scale == 1.0 else clip_box(x / scale, y / scale, w / scale, h / scale, width, height)
             if full is not None:
                 found.append(Detection(full, float(score)))
         return sorted(found, key=lambda d: -d.box[2] * d.box[3])
@@ -193,7 +193,7 @@ def known_face_region(shape: tuple[int, ...], padding: float) -> Detection:
     """The face box of a face crop made with margin `padding` (fraction of the face size)."""
     height, width = shape[:2]
     fw, fh = width / (1 + 2 * padding), height / (1 + 2 * padding)
-    return Detection(_clip((width - fw) / 2, (height - fh) / 2, fw, fh, width, height) or (0, 0, width, height), 1.0)
+    return Detection(clip_box((width - fw) / 2, (height - fh) / 2, fw, fh, width, height) or (0, 0, width, height), 1.0)
 
 
 #: The detectors by name: the one list the CLI, configs and `create_detector` read.

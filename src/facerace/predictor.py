@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from facerace.backbones import Backbone, create_backbone
-from facerace.detect import Detection
+from facerace.detect import Detection, clip_box
 from facerace.errors import FaceraceError, ImageError, InvalidParameterError
 from facerace.faces import MAX_FACES, MIN_FACE, FacePipeline, Faces
 from facerace.images import MAX_PIXELS, ImageInput, describe, load_image
@@ -185,6 +185,13 @@ class Predictor:
         except ImageError as exc:
             return ImageResult(path=name, error=exc.reason)
         t1 = time.perf_counter()
+        if faces is not None:
+            clipped = [clip_box(*d.box, rgb.shape[1], rgb.shape[0]) for d in faces]
+            if None in clipped:
+                bad = next(d.box for d, c in zip(faces, clipped) if c is None)
+                return ImageResult(path=name, shape=rgb.shape[:2], error=f"face box {list(bad)} is empty or mostly "
+                                   f"outside the {rgb.shape[1]}x{rgb.shape[0]} image")
+            faces = [Detection(c, d.score) for d, c in zip(faces, clipped)]
         detections = self.detect(rgb) if faces is None else faces
         t2 = time.perf_counter()
         found = self.pipeline.faces(rgb, detections)
