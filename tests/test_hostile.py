@@ -323,6 +323,8 @@ def _edit(folder: Path, **changes) -> None:
     ("wrong_type", ModelIntegrityError, "config.json: 'threshold' is str"),
     ("classes_type", ModelIntegrityError, "config.json: 'classes' is int"),
     ("unknown_detector", ModelIntegrityError, "config.json: unknown detector"),
+    ("nan_threshold", ModelIntegrityError, "config.json: threshold nan is outside"),
+    ("huge_chips", ModelIntegrityError, "config.json: chip_size 1000000 is outside"),
     ("escaping_weights", ModelIntegrityError, "'weights' must name a file in the model folder"),
     ("missing_weights", ModelNotFoundError, "head.safetensors is missing .named by .*config.json"),
     ("garbled_weights", ModelIntegrityError, "head.safetensors has SHA-256"),
@@ -340,6 +342,10 @@ def test_malformed_model_folders_name_the_right_file(model_copy, damage, error, 
         _edit(model_copy, classes=7)
     elif damage == "unknown_detector":
         _edit(model_copy, detector="mtcnn")
+    elif damage == "nan_threshold":
+        _edit(model_copy, threshold=float("nan"))
+    elif damage == "huge_chips":
+        _edit(model_copy, chip_size=1_000_000)
     elif damage == "escaping_weights":
         _edit(model_copy, weights="../../head.safetensors")
     elif damage == "missing_weights":
@@ -350,6 +356,12 @@ def test_malformed_model_folders_name_the_right_file(model_copy, damage, error, 
         load_model(model_copy)
     code, out, err = run("predict", FIXTURES / "354.jpg", "--model", model_copy)
     assert code in (1, 2) and out == "" and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_config_saved_with_a_bom_is_read(model_copy):
+    text = (model_copy / "config.json").read_text()
+    (model_copy / "config.json").write_text(text, encoding="utf-8-sig")
+    assert load_config(model_copy).name == "default"
 
 
 def test_a_head_that_matches_its_hash_but_is_not_a_head(model_copy):

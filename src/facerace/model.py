@@ -101,6 +101,16 @@ def _config_problems(d: Any) -> list[str]:
             problems.append(f"{name!r} is {type(value).__name__} {repr(value)[:40]}, not {known[name].type}")
     if isinstance(d.get("classes"), list) and (not d["classes"] or not all(isinstance(c, str) for c in d["classes"])):
         problems.append("'classes' must be a non-empty list of class names")
+    bounds = {"threshold": (0.0, 1.0), "chip_size": (16, 1024), "chip_padding": (0.0, 2.0)}
+    numbers = [(name, d.get(name), limits) for name, limits in bounds.items()]
+    if isinstance(d.get("thresholds"), dict):
+        numbers += [(f"thresholds[{k!r}]", v, (0.0, 1.0)) for k, v in d["thresholds"].items()]
+    for name, value, (low, high) in numbers:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if name.startswith("thresholds"):  # the fields' own types are checked above
+                problems.append(f"{name} is not a number")
+        elif not low <= value <= high:  # NaN too
+            problems.append(f"{name} {value!r} is outside [{low}, {high}]")
     for name, known_names in (("scheme", SCHEMES), ("backbone", BACKBONES), ("detector", DETECTORS)):
         if isinstance(d.get(name), str) and d[name] not in known_names:
             problems.append(f"unknown {name} {d[name]!r} (this facerace knows {', '.join(known_names)})")
@@ -136,7 +146,7 @@ def load_config(model: str | Path) -> ModelConfig:
     """Read a model's config.json (ModelIntegrityError naming it if it is not a valid model config)."""
     file = resolve(model) / CONFIG_FILE
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
     except ValueError as exc:  # not JSON, or not UTF-8
         raise ModelIntegrityError(f"{file}: not valid JSON ({exc}); the model folder is damaged: retrain the "
                                   "model (`facerace train`) or reinstall facerace") from None

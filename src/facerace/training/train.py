@@ -234,7 +234,7 @@ def resume(run: str | Path, *, cache_dir: str | Path | None = None, workers: int
     if not path.is_file():
         raise InvalidParameterError(f"{run} is not a training run folder (no config.json)")
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(path.read_text(encoding="utf-8-sig"))
         settings.pop("environment", None)
         config = TrainConfig.from_dict(settings)
     except (InvalidParameterError, TypeError, ValueError, AttributeError) as exc:  # also: not JSON, not an object
