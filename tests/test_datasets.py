@@ -103,10 +103,12 @@ def test_datasets_check_cli(tmp_path, capsys):
     (root / "val" / "2.jpg").write_bytes(b"not a jpeg")
     with open(root / "fairface_label_val.csv", "a") as f:
         f.write("val/2.jpg,3-9,Male,White,False\n")
-    assert main(["datasets", "check", f"fairface:{root}", "--quiet"]) == 1
+    assert main(["datasets", "check", f"fairface:{root}", "--quiet"]) == 0  # problems are listed, not fatal
     out = capsys.readouterr().out
     assert "1 readable images" in out and "2 problem(s)" in out
     assert "val/missing is missing" in out and "2.jpg: not an image" in out
+    assert main(["datasets", "check", f"fairface:{root}", "--quiet", "--strict"]) == 1
+    capsys.readouterr()
     archive = tmp_path / "fairface-img-margin025-trainval.zip"
     archive.write_bytes(b"PK\x03\x04")
     assert main(["datasets", "check", f"fairface:{archive}"]) == 2

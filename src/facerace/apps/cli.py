@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("data", metavar="KIND:PATH", help="e.g. fairface:data/fairface, utkface:data/UTKFace")
     ck.add_argument("--path-column", default="path", help="csv: datasets: the column of image paths")
     ck.add_argument("--label-column", default="label", help="csv: datasets: the column of labels")
+    ck.add_argument("--strict", action="store_true",
+                    help="exit 1 when any problem is listed (default: exit 0 once the check has run)")
     _finish(p)
     return p
 
@@ -486,7 +488,7 @@ def _datasets(args: argparse.Namespace) -> int:
     print(f"{len(problems)} problem(s)" + (":" if problems else ""))
     for line in problems:
         _show(f"  {line}")
-    return 1 if problems else 0
+    return 1 if problems and args.strict else 0
 
 
 if __name__ == "__main__":
