@@ -120,7 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
     sv.add_argument("--model", default="default", help="shipped model name or model/run folder")
     sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
-    sv.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds of analysis before a request gets 504")
+    sv.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a client may take to send a request's headers before it is disconnected")
+    sv.add_argument("--body-timeout", type=float, default=60.0,
+                    help="seconds a client may take to send a request's body before it gets 408")
+    sv.add_argument("--max-connections", type=int, default=64,
+                    help="open connections per server process; more get 503")
 
     ds = sub.add_parser("datasets", help="inspect datasets")
     ds_sub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -463,14 +469,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from facerace.model import load_config
+    from facerace.apps.serve.app import load_predictor
+    from facerace.apps.serve.server import uvicorn_options
 
-    load_config(args.model)  # a missing model is a usage error, before the server starts
+    load_predictor(args.model)  # a missing model or damaged weights stop here, before the server starts
     os.environ.update(FACERACE_MODEL=str(args.model), FACERACE_MAX_UPLOAD_BYTES=str(int(args.max_upload_mb * 2**20)),
-                      FACERACE_TIMEOUT_S=str(args.timeout))
+                      FACERACE_TIMEOUT_S=str(args.timeout), FACERACE_HEADER_TIMEOUT_S=str(args.header_timeout),
+                      FACERACE_BODY_TIMEOUT_S=str(args.body_timeout))
     _say(f"facerace serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops", quiet=args.quiet)
     uvicorn.run("facerace.apps.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="error" if args.quiet else "warning")
+                workers=args.workers, **uvicorn_options(args.max_connections, quiet=args.quiet))
     return 0
 
 

@@ -1,59 +1,191 @@
-"""HTTP service: POST /v1/analyze, GET /v1/health, GET /v1/models, and a web page at /.
+"""HTTP service: POST /v1/analyze, GET /v1/health, GET /v1/models, GET /model-card, docs at /docs, a web page at /.
 
-The model is loaded once per process; inference runs in a one-thread executor per process
-(more processes with `facerace serve --workers N`), so the event loop never blocks.
+The model is loaded, and its weights' SHA-256 checked, when the app is built: a damaged install never
+starts. Inference runs in a one-thread executor per process (more processes with `facerace serve
+--workers N`), so the event loop never blocks. `RequestGuard` reads each request body before the app
+does: refused from its Content-Length or as soon as it passes the limit, cut off when it arrives too
+slowly. Responses carry no server paths, hashes or tracebacks: an unexpected error is logged with an id
+and answered with that id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 
-from facerace.errors import FaceraceError, InvalidParameterError
+from facerace.errors import ImageError, InvalidParameterError
 from facerace.images import MAX_PIXELS
-from facerace.model import list_models
+from facerace.model import list_models, resolve
 from facerace.predictor import Predictor
+from facerace.results import FaceResult, ImageResult
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
+BODY_TIMEOUT_S = 60.0
+#: room for the multipart boundaries, part headers and form fields around the uploaded file
+FORM_OVERHEAD_BYTES = 64 * 1024
+#: names of the 5 landmarks of a face in responses (image left/right)
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+FIELD_HINT = ("send the photo as multipart/form-data in the field 'file' "
+              "(for example: curl -F file=@photo.jpg http://HOST:PORT/v1/analyze)")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("facerace.serve")
+
+
+class RequestGuard:
+    """ASGI middleware: bounded, timed request bodies, and a JSON answer for any unexpected exception.
+
+    A body longer than `max_body_bytes` is refused from its Content-Length before it is read, or as soon
+    as the bytes read pass the limit (chunked or lying uploads); a body not complete `body_timeout_s`
+    after the headers gets 408. Both close the connection. The body, at most `max_body_bytes` in memory,
+    is then replayed to the app. An exception that escapes the app becomes a 500 JSON answer that keeps
+    the connection open, instead of a dropped connection.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request larger than the limit of {self.max_body_bytes:,} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and int(length) > self.max_body_bytes:  # h11 refuses non-numeric lengths
+            await _send_json(send, 413, too_large, close=True)
+            return
+        try:
+            messages = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+        except TimeoutError:
+            await _send_json(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s", close=True)
+            return
+        if messages is None:
+            await _send_json(send, 413, too_large, close=True)
+            return
+        if messages[-1]["type"] == "http.disconnect":
+            return  # nobody to answer
+        started = False
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, replay, tracked_send)
+        except Exception:
+            error_id = _log_exception("request")
+            if not started:
+                await _send_json(send, 500, f"internal error {error_id}: the server's log has the details")
+
+    async def _read_body(self, receive: Receive) -> list[Message] | None:
+        """The request's body messages, or None once they pass `max_body_bytes`."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages  # the client disconnected
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return messages
+
+
+async def _send_json(send: Send, status: int, detail: str, *, close: bool = False) -> None:
+    """An error answer straight from the middleware."""
+    body = JSONResponse({"status": "error", "detail": detail}).body
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _log_exception(what: str) -> str:
+    """Log the exception being handled, with a short id to quote to the client."""
+    error_id = uuid.uuid4().hex[:8]
+    log.exception("%s failed (error id %s)", what, error_id)
+    return error_id
+
+
+def load_predictor(model: str | os.PathLike = "default", max_pixels: int = MAX_PIXELS) -> Predictor:
+    """The service's Predictor with its model loaded now: weights whose SHA-256 does not match raise
+    ModelIntegrityError here, so the server refuses to start instead of failing every request."""
+    predictor = Predictor(model, max_pixels=max_pixels).validate()
+    _ = predictor.pipeline  # loads the head and fine-tuned layers, both SHA-256 checked
+    return predictor
 
 
 def create_app(
-    model: str = "default",
+    model: str | os.PathLike = "default",
     *,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS,
     timeout_s: float = REQUEST_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
-    """Build the app around one lazily loaded Predictor."""
-    base = Predictor(model, max_pixels=max_pixels)
-    base.validate()  # fail at start-up, not on the first request, if the model is missing
+    """Build the app around one Predictor, loaded and checked now."""
+    base = load_predictor(model, max_pixels)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facerace-infer")
-    app = FastAPI(title="facerace", version=_version(),
-                  description="Perceived race category of every face in a photo. Categories are perceived, "
-                              "coarse and contested; see the model card.")
+    app = FastAPIOffline(title="facerace", version=_version(), swagger_ui_parameters={"validatorUrl": None},
+                         description="Perceived race category of every face in a photo. Categories are perceived, "
+                                     "coarse and contested; see the model card at /model-card.")
+    app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES,
+                       body_timeout_s=body_timeout_s)
 
-    @app.exception_handler(FaceraceError)
-    async def _facerace_error(request: Request, exc: FaceraceError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"status": "error", "detail": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"status": "error", "detail": _validation_message(exc)}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
         return (resources.files("facerace.apps.serve") / "static" / "index.html").read_text()
 
+    @app.get("/model-card", response_class=PlainTextResponse)
+    async def model_card() -> str:
+        """The served model's card (Markdown): what it was trained on, how accurate it is, for whom."""
+        card = resolve(base.model) / "MODEL_CARD.md"
+        if not card.is_file():
+            raise HTTPException(404, "this model has no model card")
+        return card.read_text(encoding="utf-8")
+
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": base.config.name, "version": base.config.version, "pid": os.getpid()}
+        return {"status": "ok", "model": base.config.name, "version": base.config.version}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"models": list_models()}
+        return {"models": [{k: v for k, v in m.items() if k != "path"} for m in list_models()]}
 
     @app.post("/v1/analyze")
     async def analyze(
@@ -62,11 +194,13 @@ def create_app(
         detector: str | None = Query(None, description="yunet, hog, haar or none (default: the model's)"),
         threshold: float | None = Query(None, ge=0.0, le=1.0, description="uncertain below this confidence"),
     ) -> dict[str, Any]:
+        """Every face in the photo: `status` is ok, no_face or error (as in `facerace predict` rows)."""
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes:,} bytes")
         if not data:
-            raise HTTPException(400, "empty upload: send the image in the multipart field 'file'")
+            raise HTTPException(400, f"empty upload: {FIELD_HINT}")
+        name = file.filename or "upload"
         options = {k: v for k, v in (("scheme", scheme), ("detector", detector), ("threshold", threshold)) if v is not None}
         try:
             predictor = base.replace(**options) if options else base
@@ -76,15 +210,49 @@ def create_app(
         try:
             result = await asyncio.wait_for(loop.run_in_executor(executor, predictor.predict_image, data), timeout_s)
         except TimeoutError:
-            raise HTTPException(504, f"analysis took longer than {timeout_s:.0f} s") from None
+            raise HTTPException(504, f"analysis took longer than {timeout_s:g} s") from None
+        except ImageError as exc:
+            raise HTTPException(422, f"{name}: {exc.reason}") from None
+        except Exception:  # a detector that trips on a degenerate image, ...: never a 500, never a dropped connection
+            raise HTTPException(422, f"{name}: could not analyse this image (error id {_log_exception('analysis')}; "
+                                     "the server's log has the details)") from None
         if result.error is not None:
-            raise HTTPException(422, f"{file.filename or 'upload'}: {result.error}")
-        name = file.filename or "upload"
-        rows = [{**row, "path": name} for row in result.rows()] if result.faces else []
-        return {"faces": rows}
+            raise HTTPException(422, f"{name}: {result.error}")
+        return {"status": result.status, "faces": _faces_json(result, name)}
 
     app.state.predictor = base
     return app
+
+
+def _faces_json(result: ImageResult, name: str) -> list[dict[str, Any]]:
+    """The `facerace predict` rows of the faces, with named landmarks and the detector's score."""
+    if not result.faces:
+        return []
+    return [{**row, "path": name, "landmarks": _named_landmarks(face), "detection_score": face.detection_score}
+            for row, face in zip(result.rows(), result.faces)]
+
+
+def _named_landmarks(face: FaceResult) -> dict[str, list[float] | None] | None:
+    """Eye centres and nose tip by name; the aligner's 5 points (two corners per eye, the nose) have no mouth."""
+    if len(face.landmarks) != 5:
+        return None
+    (a, b, c, d, nose) = face.landmarks
+    eyes = sorted([((a[0] + b[0]) / 2, (a[1] + b[1]) / 2), ((c[0] + d[0]) / 2, (c[1] + d[1]) / 2)])
+    points = {"left_eye": eyes[0], "right_eye": eyes[1], "nose": nose}
+    return {n: [round(v, 1) for v in points[n]] if n in points else None for n in LANDMARK_NAMES}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """One plain sentence per invalid request part, instead of pydantic's error list."""
+    parts = []
+    for error in exc.errors():
+        where, *field = error.get("loc", ("body",))
+        if where == "body":
+            problem = "no photo in the request" if error.get("type") == "missing" else "'file' is not a file upload"
+            parts.append(f"{problem}: {FIELD_HINT}")
+        else:
+            parts.append(f"{where} parameter {'.'.join(map(str, field))!r}: {error.get('msg', 'invalid')}")
+    return "; ".join(dict.fromkeys(parts))
 
 
 def _version() -> str:
@@ -100,4 +268,5 @@ def app_from_env() -> FastAPI:
         max_upload_bytes=int(os.environ.get("FACERACE_MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES)),
         max_pixels=int(os.environ.get("FACERACE_MAX_PIXELS", MAX_PIXELS)),
         timeout_s=float(os.environ.get("FACERACE_TIMEOUT_S", REQUEST_TIMEOUT_S)),
+        body_timeout_s=float(os.environ.get("FACERACE_BODY_TIMEOUT_S", BODY_TIMEOUT_S)),
     )
