@@ -11,8 +11,10 @@ and answered with that id.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("facerace.serve")
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None  # glibc
 
 
 class RequestGuard:
@@ -208,7 +211,7 @@ def create_app(
             raise HTTPException(422, str(exc)) from None
         loop = asyncio.get_running_loop()
         try:
-            result = await asyncio.wait_for(loop.run_in_executor(executor, predictor.predict_image, data), timeout_s)
+            result = await asyncio.wait_for(loop.run_in_executor(executor, _analyse, predictor, data), timeout_s)
         except TimeoutError:
             raise HTTPException(504, f"analysis took longer than {timeout_s:g} s") from None
         except ImageError as exc:
@@ -222,6 +225,15 @@ def create_app(
 
     app.state.predictor = base
     return app
+
+
+def _analyse(predictor: Predictor, data: bytes) -> ImageResult:
+    """One image's result, then the memory its analysis freed goes back to the system (glibc keeps it otherwise)."""
+    try:
+        return predictor.predict_image(data)
+    finally:
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
 
 def _faces_json(result: ImageResult, name: str) -> list[dict[str, Any]]:
