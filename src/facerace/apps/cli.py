@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="confidence below which a face is uncertain (default: the model's, for the scheme)")
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (0.0.0.0: every network interface; see README 'Safety and limits' first)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
     sv.add_argument("--model", default="default", help="shipped model name or model/run folder")

@@ -56,23 +56,24 @@ _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform =
 class RequestGuard:
     """ASGI middleware: bounded, timed request bodies, and a JSON answer for any unexpected exception.
 
-    A body longer than `max_body_bytes` is refused from its Content-Length before it is read, or as soon
-    as the bytes read pass the limit (chunked or lying uploads); a body not complete `body_timeout_s`
-    after the headers gets 408. Both close the connection. The body, at most `max_body_bytes` in memory,
-    is then replayed to the app. An exception that escapes the app becomes a 500 JSON answer that keeps
+    A body longer than `max_upload_bytes` plus FORM_OVERHEAD_BYTES is refused (413) from its Content-Length
+    before it is read, or as soon as the bytes read pass that (chunked uploads); a body not complete
+    `body_timeout_s` after the headers gets 408. Both close the connection. The body, at most that size,
+    in memory, is then replayed to the app. An exception that escapes the app becomes a 500 JSON answer that keeps
     the connection open, instead of a dropped connection.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, body_timeout_s: float) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+        self.max_body_bytes = max_upload_bytes + FORM_OVERHEAD_BYTES
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = f"request larger than the limit of {self.max_body_bytes:,} bytes"
+        too_large = _too_large(self.max_upload_bytes)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and int(length) > self.max_body_bytes:  # h11 refuses non-numeric lengths
             await _send_json(send, 413, too_large, close=True)
@@ -129,6 +130,10 @@ async def _send_json(send: Send, status: int, detail: str, *, close: bool = Fals
     await send({"type": "http.response.body", "body": body})
 
 
+def _too_large(max_upload_bytes: int) -> str:
+    return f"upload larger than the limit of {max_upload_bytes:,} bytes"
+
+
 def _log_exception(what: str) -> str:
     """Log the exception being handled, with a short id to quote to the client."""
     error_id = uuid.uuid4().hex[:8]
@@ -158,8 +163,7 @@ def create_app(
     app = FastAPIOffline(title="facerace", version=_version(), swagger_ui_parameters={"validatorUrl": None},
                          description="Perceived race category of every face in a photo. Categories are perceived, "
                                      "coarse and contested; see the model card at /model-card.")
-    app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES,
-                       body_timeout_s=body_timeout_s)
+    app.add_middleware(RequestGuard, max_upload_bytes=max_upload_bytes, body_timeout_s=body_timeout_s)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -200,7 +204,7 @@ def create_app(
         """Every face in the photo: `status` is ok, no_face or error (as in `facerace predict` rows)."""
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes:,} bytes")
+            raise HTTPException(413, _too_large(max_upload_bytes))
         if not data:
             raise HTTPException(400, f"empty upload: {FIELD_HINT}")
         name = file.filename or "upload"
