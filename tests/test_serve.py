@@ -252,6 +252,24 @@ def test_unexpected_errors_are_json_and_keep_the_connection(server, faces, monke
     conn.close()
 
 
+def test_a_failing_route_answers_500_json_and_keeps_the_connection(server, monkeypatch):
+    import facerace.apps.serve.app as app_module
+
+    def broken():
+        raise RuntimeError(f"cannot read {INSTALL}/weights")
+
+    monkeypatch.setattr(app_module, "list_models", broken)
+    conn = HTTPConnection(*server[:2], timeout=30)
+    conn.request("GET", "/v1/models")
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status == 500 and b"internal error" in body and INSTALL.encode() not in body
+    sock = conn.sock
+    conn.request("GET", "/v1/health")
+    assert conn.getresponse().status == 200 and conn.sock is sock
+    conn.close()
+
+
 @pytest.mark.parametrize("size", [(1000, 10), (10, 1000), (640, 480)], ids=["strip", "column", "plain"])
 def test_degenerate_images_are_answered(server, size):
     conn = HTTPConnection(*server[:2], timeout=60)
