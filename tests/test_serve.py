@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from facerace.apps.cli import main
-from facerace.apps.serve.app import LANDMARK_NAMES, create_app
+from facerace.apps.serve.app import create_app
 from facerace.errors import ModelIntegrityError
 from facerace.model import shipped_dir
-from facerace.results import ROW_KEYS
+from facerace.results import LANDMARK_NAMES, ROW_KEYS
 
 INSTALL = str(shipped_dir("default").parents[1])  # the package folder: never in a response
 
@@ -50,19 +50,18 @@ def png(width: int, height: int, colour=(128, 128, 128)) -> bytes:
     return buf.getvalue()
 
 
-def test_analyze_returns_predict_rows_with_named_landmarks(client, faces):
+def test_analyze_returns_predict_rows(client, faces):
     r = post(client, faces[0].read_bytes())
     assert r.status_code == 200 and r.json()["status"] == "ok"
     (face,) = r.json()["faces"]
-    assert tuple(face) == (*ROW_KEYS, "landmarks", "detection_score")
+    assert tuple(face) == ROW_KEYS
     assert face["path"] == "photo.jpg" and face["status"] == "ok" and 0 < face["detection_score"] <= 1
     assert abs(sum(face["probabilities"].values()) - 1) < 1e-3
     marks = face["landmarks"]
     assert tuple(marks) == LANDMARK_NAMES
     x, y, w, h = face["box"]
-    left, right, nose = marks["left_eye"], marks["right_eye"], marks["nose"]
-    assert left[0] < nose[0] < right[0] and max(left[1], right[1]) < nose[1]  # an upright face
-    assert all(x <= px <= x + w and y <= py <= y + h for px, py in (left, right, nose))
+    assert marks["left_eye_outer"][0] < marks["nose"][0] < marks["right_eye_outer"][0]  # as seen in the picture
+    assert all(x <= px <= x + w and y <= py <= y + h for px, py in marks.values())
 
 
 def test_query_options(client, faces):

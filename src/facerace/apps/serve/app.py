@@ -31,15 +31,13 @@ from facerace.errors import ImageError, InvalidParameterError
 from facerace.images import MAX_PIXELS
 from facerace.model import list_models, resolve
 from facerace.predictor import Predictor
-from facerace.results import FaceResult, ImageResult
+from facerace.results import ImageResult
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
 BODY_TIMEOUT_S = 60.0
 #: room for the multipart boundaries, part headers and form fields around the uploaded file
 FORM_OVERHEAD_BYTES = 64 * 1024
-#: names of the 5 landmarks of a face in responses (image left/right)
-LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 FIELD_HINT = ("send the photo as multipart/form-data in the field 'file' "
               "(for example: curl -F file=@photo.jpg http://HOST:PORT/v1/analyze)")
 
@@ -241,21 +239,8 @@ def _analyse(predictor: Predictor, data: bytes) -> ImageResult:
 
 
 def _faces_json(result: ImageResult, name: str) -> list[dict[str, Any]]:
-    """The `facerace predict` rows of the faces, with named landmarks and the detector's score."""
-    if not result.faces:
-        return []
-    return [{**row, "path": name, "landmarks": _named_landmarks(face), "detection_score": face.detection_score}
-            for row, face in zip(result.rows(), result.faces)]
-
-
-def _named_landmarks(face: FaceResult) -> dict[str, list[float] | None] | None:
-    """Eye centres and nose tip by name; the aligner's 5 points (two corners per eye, the nose) have no mouth."""
-    if len(face.landmarks) != 5:
-        return None
-    (a, b, c, d, nose) = face.landmarks
-    eyes = sorted([((a[0] + b[0]) / 2, (a[1] + b[1]) / 2), ((c[0] + d[0]) / 2, (c[1] + d[1]) / 2)])
-    points = {"left_eye": eyes[0], "right_eye": eyes[1], "nose": nose}
-    return {n: [round(v, 1) for v in points[n]] if n in points else None for n in LANDMARK_NAMES}
+    """The `facerace predict` rows of the faces, under the upload's file name (none for no face)."""
+    return [{**row, "path": name} for row in result.rows()] if result.faces else []
 
 
 def _validation_message(exc: RequestValidationError) -> str:
