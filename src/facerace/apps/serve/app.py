@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
@@ -26,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from facerace.errors import ImageError, InvalidParameterError
 from facerace.images import MAX_PIXELS
@@ -40,12 +40,6 @@ BODY_TIMEOUT_S = 60.0
 FORM_OVERHEAD_BYTES = 64 * 1024
 FIELD_HINT = ("send the photo as multipart/form-data in the field 'file' "
               "(for example: curl -F file=@photo.jpg http://HOST:PORT/v1/analyze)")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("facerace.serve")
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None  # glibc
