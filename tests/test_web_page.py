@@ -1,4 +1,6 @@
-"""The web page in headless Chromium: upload a real face photo, see a box, a label and probability bars.
+"""The web page in headless Chromium that reaches no host but the server: upload real face photos, see
+boxes, labels apart from each other and outside the boxes, probability bars beside the photo; an error
+clears the previous photo; the API docs render offline.
 
 Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them). Without them the test
 is skipped, unless FACERACE_REQUIRE_BROWSER=1 (as in CI), where it fails.
