@@ -292,7 +292,7 @@ def test_oversized_content_length_is_refused_before_the_body(server):
 
 def test_chunked_upload_is_cut_off_past_the_limit(server):
     chunk = b"x" * 65536
-    sent = 0
+    sent, reset = 0, False
     with raw(server) as sock:
         sock.sendall(b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
@@ -306,11 +306,14 @@ def test_chunked_upload_is_cut_off_past_the_limit(server):
             except TimeoutError:
                 continue
             except (BrokenPipeError, ConnectionResetError):
+                reset = True
                 break
         sock.settimeout(10)
         answer += read_response(sock)
-    assert answer.startswith(b"HTTP/1.1 413") and b"larger than the limit" in answer
-    assert sent < 20 * LIMIT  # the server stopped reading (what is sent past the limit sits in socket buffers)
+    # the server stopped reading (what is sent past the limit sits in socket buffers); its 413 may be lost
+    # when it closes a connection with unread bytes (a TCP reset)
+    assert sent < 20 * LIMIT
+    assert answer.startswith(b"HTTP/1.1 413") and b"larger than the limit" in answer or reset and not answer
 
 
 def test_slow_body_gets_408(server):
