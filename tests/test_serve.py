@@ -342,7 +342,8 @@ def test_slow_headers_are_disconnected(server):
     assert closed and time.monotonic() - start < 4
 
 
-def test_connections_are_capped(server):
+def test_connections_are_capped(server, monkeypatch):
+    monkeypatch.setenv("FACERACE_HEADER_TIMEOUT_S", "60")  # read per connection: these idle ones stay open
     idle = [socket.create_connection(server[:2]) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.2)
