@@ -29,6 +29,12 @@ def test_train_then_predict_then_evaluate(tiny_fairface, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_validation"] == 7 and metrics["data"][f"fairface:{tiny_fairface}"]["used"] == 21
     assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 40
+    # the held-out faces' calibrated probabilities and classes are stored with the model (for audit)
+    from facerace.model import load_config, load_heldout
+
+    held = load_heldout(run, load_config(run))
+    assert held.probabilities.shape == (7, 7) and sorted(held.labels) == list(range(7))
+    np.testing.assert_allclose(held.probabilities.sum(1), 1, atol=1e-5)
 
     result = Predictor(run).predict_image(FIXTURES / "354.jpg")
     assert result.faces[0].probabilities is not None

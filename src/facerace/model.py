@@ -1,7 +1,8 @@
 """Model directories: a safetensors head, a JSON config with its SHA-256, and a model card.
 
-A model is a folder holding `config.json`, the weights file it names and, for shipped
-models, `MODEL_CARD.md`. Shipped models live in the package under `weights/<name>/`.
+A model is a folder holding `config.json`, the weights file it names, the model's
+probabilities on its held-out training faces (`heldout.safetensors`, for `facerace audit`)
+and, for shipped models, `MODEL_CARD.md`. Shipped models live in the package under `weights/<name>/`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -22,11 +23,15 @@ from facerace.files import sha256_file
 from facerace.head import RaceHead
 from facerace.labels import SCHEMES
 
+if TYPE_CHECKING:
+    from facerace.quantify import HeldOut
+
 SHIPPED = ("default",)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "head.safetensors"
 TUNED_FILE = "backbone.safetensors"
 DIGESTS_FILE = "training_files.npy"
+HELDOUT_FILE = "heldout.safetensors"
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class ModelConfig:
     backbone_weights: str = ""
     tuned: str = ""
     tuned_sha256: str = ""
+    heldout: str = ""
+    heldout_sha256: str = ""
     trained_on: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
@@ -209,6 +216,20 @@ def digest_prefixes(digests: Sequence[str]) -> np.ndarray:
     return np.array([int(d[:16], 16) for d in digests], dtype=np.uint64).reshape(-1)
 
 
+def load_heldout(model: str | Path, config: ModelConfig) -> HeldOut:
+    """The model's calibrated probabilities on its held-out training faces and their true classes."""
+    from safetensors.numpy import load_file
+
+    from facerace.quantify import HeldOut
+
+    if not config.heldout:
+        raise ModelNotFoundError(
+            f"model {str(model)!r} has no held-out statistics (its folder predates them): the adjusted methods "
+            "need them; retrain it with `facerace train`, or use --method count or --method probability")
+    tensors = load_file(str(_verified(resolve(model) / config.heldout, config.heldout_sha256)))
+    return HeldOut(tensors["probabilities"].astype(np.float64), tensors["labels"].astype(np.int64))
+
+
 def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | None = None, min_face: int = MIN_FACE,
                    upsample: int = 1, backbone: str | None = None, backbone_weights: str | Path | None = None,
                    max_faces: int = MAX_FACES) -> FacePipeline:
@@ -225,9 +246,10 @@ def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | No
 
 
 def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None,
-               training_files: Sequence[str] = ()) -> ModelConfig:
+               training_files: Sequence[str] = (), heldout: HeldOut | None = None) -> ModelConfig:
     """Write head weights, fine-tuned backbone layers (if any, as float16), the digests of the training
-    images (`training_files`: hex SHA-256s, stored as 8-byte prefixes) and config (with SHA-256s) into `path`."""
+    images (`training_files`: hex SHA-256s, stored as 8-byte prefixes), the held-out probabilities and true
+    classes (`heldout`, if given) and config (with SHA-256s) into `path`."""
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -239,6 +261,8 @@ def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str,
         extra = {"tuned": TUNED_FILE, "tuned_sha256": sha256_file(path / TUNED_FILE)}
     if training_files:
         extra.update(write_training_digests(path, training_files))
+    if heldout is not None:
+        extra.update(heldout=HELDOUT_FILE, heldout_sha256=save_heldout(path / HELDOUT_FILE, heldout))
     final = ModelConfig.from_dict({**config.to_dict(), "sha256": sha256_file(path / config.weights), **extra})
     (path / CONFIG_FILE).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
     return final
@@ -248,6 +272,13 @@ def write_training_digests(path: Path, digests: Sequence[str]) -> dict[str, str]
     """Write the training images' digest prefixes into model folder `path`; the config entries naming the file."""
     np.save(path / DIGESTS_FILE, np.unique(digest_prefixes(digests)), allow_pickle=False)
     return {"training_files": DIGESTS_FILE, "training_files_sha256": sha256_file(path / DIGESTS_FILE)}
+def save_heldout(path: Path, heldout: HeldOut) -> str:
+    """Write held-out probabilities (float32) and true classes (int32) to `path`; return its SHA-256."""
+    from safetensors.numpy import save_file
+
+    save_file({"probabilities": np.ascontiguousarray(heldout.probabilities, np.float32),
+               "labels": np.ascontiguousarray(heldout.labels, np.int32)}, str(path))
+    return sha256_file(path)
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from facerace.faces import FacePipeline
 from facerace.head import RaceHead
 from facerace.labels import convert_label, get_scheme
 from facerace.model import ModelConfig, save_model
+from facerace.quantify import HeldOut
 from facerace.textout import CsvWriter, progress_bar
 from facerace.training.config import TrainConfig
 from facerace.training.datasets import Dataset, Sample, open_dataset
@@ -153,7 +154,9 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
     subfolder is a model usable as `--model RUN`. `resume=True` continues the interrupted
     run in folder `out` (see `resume`). With `config.unfreeze=0` the network stays frozen and a
     head is trained on cached embeddings; with N > 0 the last N units of a PyTorch network
-    are fine-tuned with the head (see `facerace.training.finetune`).
+    are fine-tuned with the head (see `facerace.training.finetune`). The model's calibrated
+    probabilities on the held-out faces are stored with it (`heldout.safetensors`), for
+    the adjusted estimates of `facerace audit`.
     """
     check_config(config)
     classes = get_scheme(config.scheme).classes
@@ -210,7 +213,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
         metrics={"validation_accuracy": round(val_metrics["accuracy"], 4),
                  "validation_macro_f1": round(val_metrics["macro_f1"], 4)},
     )
-    save_model(run / "model", model_config, head, tuned, training_files=digests)
+    save_model(run / "model", model_config, head, tuned, training_files=digests, heldout=HeldOut(probs, y_val))
     h = head.history_
     plot_loss(h.train_loss, h.val_loss, h.best_epoch, run / "loss.png")
     with open(run / "history.csv", "w", newline="") as f:

@@ -1,0 +1,145 @@
+"""Quantification maths against hand-computed cases and synthetic data with a known mix."""
+
+import numpy as np
+import pytest
+
+from facerace.errors import InvalidParameterError
+from facerace.quantify import (
+    ADJUSTED,
+    HeldOut,
+    bootstrap,
+    em_priors,
+    estimate,
+    interval,
+    project_simplex,
+    simplex_least_squares,
+)
+
+# Held-out faces of a 2-class model: every class-0 face gets (0.8, 0.2), every class-1 face (0.3, 0.7),
+# so the soft confusion matrix is M = [[0.8, 0.3], [0.2, 0.7]] (columns: true classes).
+HELDOUT2 = HeldOut(np.array([[0.8, 0.2]] * 5 + [[0.3, 0.7]] * 5), np.array([0] * 5 + [1] * 5))
+
+
+def test_confusion_and_prior():
+    np.testing.assert_allclose(HELDOUT2.confusion(), [[0.8, 0.3], [0.2, 0.7]])
+    np.testing.assert_allclose(HELDOUT2.prior, [0.5, 0.5])
+
+
+def test_count_and_probability_by_hand():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.6, 0.4], [0.3, 0.7]])
+    np.testing.assert_allclose(estimate(probs, "count"), [0.75, 0.25])
+    np.testing.assert_allclose(estimate(probs, "probability"), [0.6, 0.4])
+
+
+def test_pacc_by_hand():
+    # q = (0.7, 0.3) = M pi  ->  0.5 pi0 + 0.3 = 0.7  ->  pi = (0.8, 0.2); counting says (1, 0)
+    probs = np.array([[0.7, 0.3]] * 4)
+    np.testing.assert_allclose(estimate(probs, "pacc", HELDOUT2), [0.8, 0.2], atol=1e-8)
+    np.testing.assert_allclose(estimate(probs, "count"), [1.0, 0.0])
+    # q = (0.9, 0.1) has no solution in the simplex (pi0 = 1.2): the nearest share vector is (1, 0)
+    np.testing.assert_allclose(estimate(np.array([[0.9, 0.1]]), "pacc", HELDOUT2), [1.0, 0.0], atol=1e-8)
+
+
+def test_em_by_hand():
+    # Uniform training mix; half the faces at p0 = 0.9, half at 0.3. The fixed point of
+    # pi = mean(pi p / (pi p + (1 - pi)(1 - p))) inside (0, 1) solves 0.32 pi^2 - 0.58 pi + 0.26 = 0:
+    # pi = (0.58 - 0.06) / 0.64 = 0.8125 (the likelihood falls toward the other root, pi = 1).
+    probs = np.array([[0.9, 0.1], [0.3, 0.7]] * 3)
+    np.testing.assert_allclose(estimate(probs, "em", HELDOUT2), [0.8125, 0.1875], atol=1e-4)
+
+
+def test_em_uses_the_training_mix():
+    # Probabilities calibrated under a 25/75 training mix that average exactly to it: nothing to correct.
+    probs = np.array([[0.25, 0.75]] * 4)
+    held = HeldOut(probs, np.array([0, 1, 1, 1]))
+    np.testing.assert_allclose(em_priors(probs, np.full((1, 4), 0.25), held.prior), [[0.25, 0.75]], atol=1e-9)
+
+
+def test_project_simplex():
+    got = project_simplex(np.array([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [0.6, 0.6, -1.0], [0.2, 0.3, 0.5]]))
+    np.testing.assert_allclose(got, [[1 / 3] * 3, [1, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]])
+
+
+def test_simplex_least_squares_matches_the_inverse_inside_the_simplex():
+    rng = np.random.default_rng(1)
+    a = np.eye(4) * 0.6 + 0.1
+    truth = rng.dirichlet(np.ones(4), size=20)
+    got = simplex_least_squares(np.broadcast_to(a, (20, 4, 4)), truth @ a.T)
+    np.testing.assert_allclose(got, truth, atol=1e-7)
+
+
+def _gaussian_faces(rng, means, n, mix):
+    """Faces of a classifier whose probabilities are exactly calibrated under a uniform class mix."""
+    y = rng.choice(len(means), n, p=mix)
+    x = means[y] + rng.standard_normal((n, means.shape[1]))
+    loglik = -((x[:, None, :] - means[None]) ** 2).sum(-1) / 2
+    p = np.exp(loglik - loglik.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True), y
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 0.8, (5, 8))  # weakly separated: about 65% right per face
+    held = HeldOut(*_gaussian_faces(rng, means, 5000, np.full(5, 0.2)))
+    probs, y = _gaussian_faces(rng, means, 20000, np.array([0.55, 0.25, 0.1, 0.07, 0.03]))
+    return held, probs, np.bincount(y, minlength=5) / len(y), means
+
+
+@pytest.mark.parametrize("method", ["pacc", "em", "adjusted"])
+def test_adjusted_methods_recover_a_shifted_mix(synthetic, method):
+    held, probs, truth, _ = synthetic
+    assert np.abs(estimate(probs, method, held) - truth).max() < 0.02
+
+
+@pytest.mark.parametrize("method", ["count", "probability"])
+def test_naive_methods_are_biased_toward_the_training_mix(synthetic, method):
+    held, probs, truth, _ = synthetic
+    # the largest class is under-estimated and the smallest over-estimated by several points
+    est = estimate(probs, method, held)
+    assert est[0] < truth[0] - 0.05 and est[-1] > truth[-1] + 0.02
+
+
+def test_bootstrap_is_seeded_and_covers_the_estimate(synthetic):
+    held, probs, _, _ = synthetic
+    probs = probs[:300]
+    a = bootstrap(probs, "pacc", held, replicates=200, random_state=3)
+    np.testing.assert_array_equal(a, bootstrap(probs, "pacc", held, replicates=200, random_state=3))
+    assert a.shape == (200, 5)
+    np.testing.assert_allclose(a.sum(1), 1, atol=1e-9)
+    low, high = interval(a)
+    est = estimate(probs, "pacc", held)
+    assert np.all(low <= est + 1e-9) and np.all(est <= high + 1e-9)
+
+
+def test_bootstrap_includes_the_heldout_uncertainty(synthetic):
+    held, probs, _, _ = synthetic
+    small = HeldOut(held.probabilities[:100], held.labels[:100])
+    width = {name: np.ptp(interval(bootstrap(probs[:2000], "pacc", h, replicates=300)), axis=0).mean()
+             for name, h in (("small", small), ("large", held))}
+    assert width["small"] > 1.3 * width["large"]
+
+
+def test_bootstrap_covers_the_truth(synthetic):
+    """About 95% of the 95% intervals of repeated small collections hold the true shares."""
+    held, _, _, means = synthetic
+    rng = np.random.default_rng(7)
+    hits = []
+    for _ in range(20):
+        probs, y = _gaussian_faces(rng, means, 500, rng.dirichlet(np.ones(5)))
+        low, high = interval(bootstrap(probs, ADJUSTED, held, replicates=300, random_state=rng))
+        truth = np.bincount(y, minlength=5) / len(y)
+        hits += list((low <= truth + 1e-9) & (truth <= high + 1e-9))
+    assert 0.85 <= np.mean(hits) <= 1.0
+
+
+def test_errors_are_clear():
+    probs = np.array([[0.5, 0.5]])
+    with pytest.raises(InvalidParameterError, match="held-out"):
+        estimate(probs, "adjusted")
+    with pytest.raises(InvalidParameterError, match="Did you mean 'pacc'"):
+        estimate(probs, "pac", HELDOUT2)
+    with pytest.raises(InvalidParameterError, match="no face of class"):
+        estimate(probs, "em", HeldOut(np.array([[0.5, 0.5]]), np.array([0])))
+    with pytest.raises(InvalidParameterError, match="3 classes"):
+        estimate(probs, "pacc", HeldOut(np.full((3, 3), 1 / 3), np.arange(3)))
