@@ -9,6 +9,7 @@ from facerace.head import HeadParams
 from facerace.training.config import TrainConfig
 from facerace.training.evaluate import evaluate
 from facerace.training.train import train
+from facerace.apps.audit import audit
 
 
 def _flags(command: str) -> set[str]:
@@ -26,11 +27,12 @@ def test_cli_flags_are_api_parameters():
     assert _flags("evaluate") <= _params(evaluate)
     api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
     assert _flags("predict") - {"format", "output", "annotate", "paths", "quiet"} <= api
+    assert _flags("audit") - {"quiet"} <= _params(audit)
     assert _flags("embed") - {"output", "quiet"} <= _params(predictor.Predictor) | _params(sources.expand) | {"paths"}
 
 
 def test_public_names():
-    assert set(facerace.__all__) == {"analyze", "Predictor", "embed", "train", "evaluate", "export_onnx",
+    assert set(facerace.__all__) == {"analyze", "audit", "Predictor", "embed", "train", "evaluate", "export_onnx",
                                      "TrainConfig", "HeadParams", "load_image", "FaceResult", "ImageResult",
                                      "list_models", "__version__"}
     assert all(callable(getattr(facerace, name)) for name in facerace.__all__ if name != "__version__")

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from facerace.version import __version__
 
-__all__ = ["analyze", "Predictor", "embed", "train", "evaluate", "export_onnx", "TrainConfig", "HeadParams",
+__all__ = ["analyze", "audit", "Predictor", "embed", "train", "evaluate", "export_onnx", "TrainConfig", "HeadParams",
            "load_image", "FaceResult", "ImageResult", "list_models", "__version__"]
 
 _LAZY = {
     "analyze": ".predictor",
+    "audit": ".apps.audit",
     "Predictor": ".predictor",
     "embed": ".predictor",
     "train": ".training.train",
@@ -29,6 +30,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from facerace.apps.audit import audit
     from facerace.export import export_onnx
     from facerace.head import HeadParams
     from facerace.images import load_image

@@ -48,6 +48,10 @@ class TrainingInterrupted(FaceraceError, KeyboardInterrupt):
     """Ctrl-C during fine-tuning; the message says how to resume."""
 
 
+class NoFaceFoundError(FaceraceError):
+    """No face could be classified where at least one was needed (e.g. a whole audited collection)."""
+
+
 class MissingDependencyError(FaceraceError, ImportError):
     """An optional package needed for this operation is not installed."""
 

@@ -61,6 +61,46 @@ class HeldOut:
         return np.stack([self.probabilities[self.labels == i].mean(0) for i in range(k)], axis=1)
 
 
+@dataclass(frozen=True)
+class Shares:
+    """Class shares among faces: the naive share of predicted labels, an estimate and its interval, each (K,)."""
+
+    count: np.ndarray
+    estimate: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+def shares(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | None = None, *,
+           merge: np.ndarray | None = None, replicates: int = 1000, level: float = 0.95,
+           random_state: int | np.random.Generator | None = 0) -> Shares:
+    """Estimate the class shares among faces with probabilities `probs` (n, K), with a bootstrap interval.
+
+    `merge` (K, K') maps the classes onto coarser ones (rows summed, see `labels.mapping_matrix`;
+    a class mapped nowhere is dropped and the rest renormalised). The adjusted methods estimate
+    in the K classes the held-out statistics have and merge the result; `count` and
+    `probability` merge each face's probabilities first, so `count` is the share of the labels
+    the faces get in the coarser classes.
+    """
+    merge = np.eye(np.shape(probs)[1]) if merge is None else merge
+    probs = np.asarray(probs, np.float64)
+    coarse = _merged(probs, merge)
+    if check_choice("quantification method", method, METHODS) in NEEDS_HELDOUT:
+        point = _merged(estimate(probs, method, heldout)[None], merge)[0]
+        boot = _merged(bootstrap(probs, method, heldout, replicates=replicates, random_state=random_state), merge)
+    else:
+        point = estimate(coarse, method)
+        boot = bootstrap(coarse, method, replicates=replicates, random_state=random_state)
+    low, high = interval(boot, level)
+    return Shares(estimate(coarse, "count"), point, low, high)
+
+
+def _merged(x: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    out = x @ merge
+    total = out.sum(1, keepdims=True)
+    return out / np.where(total > 0, total, 1.0)
+
+
 def estimate(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | None = None) -> np.ndarray:
     """The estimated share of each class (K,) among faces with probabilities `probs` (n, K)."""
     probs, method = _check(probs, method, heldout)

@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     from facerace.faces import MAX_FACES, MIN_FACE
     from facerace.head import HeadParams
     from facerace.labels import SCHEMES
+    from facerace.quantify import ADJUSTED, METHODS
     from facerace.training.config import TrainConfig
     from facerace.version import __version__
 
@@ -92,6 +93,27 @@ def _parser() -> argparse.ArgumentParser:
     _run_folder(ev, "runs/evaluate/expN")
     _data_columns(ev)
     _common(ev)
+
+    au = sub.add_parser("audit", help="the composition of a photo collection per group, with adjusted estimates "
+                                      "and 95%% intervals")
+    au.add_argument("paths", nargs="*", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
+    au.add_argument("--out", "-o", type=Path, required=True, metavar="DIR",
+                    help="new folder for composition.csv/.json/.png, faces.jsonl and report.md")
+    au.add_argument("--by", default="none", help="group by: none (default), folder (the folder holding each "
+                                                 "image) or a column of the input CSVs / the --from file")
+    au.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
+    au.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    au.add_argument("--method", default="adjusted", choices=METHODS,
+                    help=f"adjusted (default; = {ADJUSTED}), pacc, em, count (share of predicted labels) or "
+                         "probability (mean probability); see docs")
+    au.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
+    au.add_argument("--from", dest="predictions", type=Path, metavar="FILE",
+                    help="per-face rows of an earlier `facerace predict` run with this --model (.jsonl, .csv, "
+                         ".parquet) instead of PATHs")
+    au.add_argument("--column", help="CSV column holding paths (default: path or file)")
+    au.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
+    au.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per interval (default 1000)")
+    au.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
     sub.add_parser("models", help="list the shipped models")
 
@@ -223,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets,
                  "serve": _serve, "stream": _stream,
-                 "embed": _embed, "export": _export}
+                 "embed": _embed, "export": _export, "audit": _audit}
         return verbs[args.command](args)
     except USAGE_ERRORS as exc:
         _say(f"facerace {args.command}: error: {exc}")
@@ -419,6 +441,25 @@ def _export(args: argparse.Namespace) -> int:
     _show(f"{path} ({path.stat().st_size / 1e6:.1f} MB): input chips (n, {size}, {size}, 3) uint8 RGB, aligned "
           f"with padding {config.chip_padding} -> probabilities (n, {len(config.classes)}) over "
           f"{', '.join(config.classes)}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import warnings
+
+    from facerace.apps.audit import SmallGroupWarning, audit
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SmallGroupWarning)
+        result = audit(args.paths, out=args.out, by=args.by, scheme=args.scheme, model=args.model,
+                       method=args.method, detector=args.detector, predictions=args.predictions, column=args.column,
+                       root=args.root, workers=args.workers, replicates=args.replicates)
+    for w in caught:
+        print(f"facerace audit: warning: {w.message}", file=sys.stderr)
+    everything = result.groups[0]
+    skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in everything.skipped.items())
+    print(f"{everything.faces} faces from {result.images} images ({skipped}) in {len(result.groups) - 1 or 1} "
+          f"group(s); method {result.method_used}: {args.out}/report.md", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,462 @@
+"""facerace audit: the composition of a photo collection, per group, with adjusted estimates and 95% intervals.
+
+images -> per-face rows (as `facerace predict` writes them, or read back with `predictions=`)
+-> groups -> class shares per group (`facerace.quantify`) -> composition.csv / .json / .png,
+faces.jsonl and report.md. `composition()` needs only the per-face rows, so any engine that
+produces them can reuse it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from facerace.errors import InvalidParameterError, MissingDependencyError, NoFaceFoundError, check_choice
+from facerace.labels import SCHEMES, convert_label, convert_probabilities, get_scheme, mapping_matrix
+from facerace.quantify import ADJUSTED, METHODS, NEEDS_HELDOUT, HeldOut, shares
+
+#: The columns of composition.csv, in order.
+CSV_COLUMNS = ("group", "class", "faces", "count_share", "estimate", "ci_low", "ci_high")
+#: The group every face belongs to.
+ALL = "all"
+#: Groups with fewer faces get a warning: their intervals are wide.
+SMALL_GROUP = 50
+#: Row statuses that are counted but not classified.
+SKIPPED = ("too_small", "no_face", "error")
+PREDICTION_FORMATS = (".jsonl", ".csv", ".parquet")
+
+METHOD_TEXT = {
+    "count": "the share of faces whose most probable class is each class (counting predicted labels; biased "
+             "toward the classes the model over-predicts)",
+    "probability": "the mean of the faces' probability vectors (biased toward the model's training mix)",
+    "pacc": "probabilistic adjusted counting: the shares pi that best solve q = M pi on the simplex, where q is the "
+            "faces' mean probability vector and M the model's soft confusion matrix on its held-out training faces",
+    "em": "Saerens-Latinne-Decaestecker prior re-estimation: expectation-maximisation of the class shares, "
+          "rescaling each face's calibrated probabilities by the shares over the training mix",
+}
+
+
+class SmallGroupWarning(UserWarning):
+    """A group has fewer than SMALL_GROUP faces: its intervals are wide."""
+
+
+@dataclass(frozen=True)
+class GroupShares:
+    """One group's faces, skipped rows and, per class, naive share, estimate and 95% interval."""
+
+    name: str
+    faces: int
+    skipped: dict[str, int]
+    count_share: tuple[float, ...] = ()
+    estimate: tuple[float, ...] = ()
+    ci_low: tuple[float, ...] = ()
+    ci_high: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """The composition of a collection: every group (the first is `all`) and how it was measured."""
+
+    classes: tuple[str, ...]
+    scheme: str
+    method: str
+    model: dict[str, str]
+    groups: tuple[GroupShares, ...]
+    images: int
+    replicates: int
+    seed: int
+    heldout_faces: int | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def method_used(self) -> str:
+        """The method that computed `estimate` (`adjusted` names the adjusted method it stands for)."""
+        return ADJUSTED if self.method == "adjusted" else self.method
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per group and class with exactly the keys CSV_COLUMNS; groups without faces have none."""
+        return [{"group": g.name, "class": c, "faces": g.faces, "count_share": g.count_share[i],
+                 "estimate": g.estimate[i], "ci_low": g.ci_low[i], "ci_high": g.ci_high[i]}
+                for g in self.groups if g.faces for i, c in enumerate(self.classes)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the rows plus method, model, scheme, intervals, skipped counts and warnings."""
+        return {
+            "method": self.method, "method_used": self.method_used, "method_description": METHOD_TEXT[self.method_used],
+            "model": dict(self.model), "scheme": self.scheme, "classes": list(self.classes),
+            "images": self.images, "faces": self.groups[0].faces, "skipped": dict(self.groups[0].skipped),
+            "intervals": {"level": 0.95, "bootstrap_replicates": self.replicates, "seed": self.seed,
+                          "resampled": "faces" + (f" and the model's {self.heldout_faces} held-out faces (within "
+                                                  "each true class)" if self.heldout_faces else "")},
+            "groups": [{"group": g.name, "faces": g.faces, "skipped": dict(g.skipped)} for g in self.groups],
+            "rows": self.rows(), "warnings": list(self.warnings),
+        }
+
+    def plot(self, path: str | Path, *, max_groups: int = 12) -> Path:
+        """Bars of the estimates with 95% interval whiskers per group, the naive share marked; return `path`."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        shown = [g for g in self.groups if g.faces][:max_groups]
+        x = np.arange(len(self.classes))
+        fig, axes = plt.subplots(len(shown), 1, figsize=(max(6.0, 1.1 * len(x)), 2.6 * len(shown) + 0.6),
+                                 dpi=110, squeeze=False, sharex=True)
+        for ax, g in zip(axes[:, 0], shown):
+            est = np.array(g.estimate)
+            err = np.array([est - np.array(g.ci_low), np.array(g.ci_high) - est]).clip(0)
+            ax.bar(x, est, color="tab:blue", alpha=0.7, label=f"estimate ({self.method_used}), 95% interval")
+            ax.errorbar(x, est, yerr=err, fmt="none", ecolor="black", capsize=4, linewidth=1)
+            ax.scatter(x, g.count_share, marker="_", s=300, color="tab:red", zorder=3, label="share of predicted labels")
+            ax.set_ylim(0, min(1.0, max(0.1, float(np.max(g.ci_high)) * 1.15)))
+            ax.set_ylabel("share")
+            ax.set_title(f"{g.name}: {g.faces} faces", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, 0].legend(fontsize=8, loc="upper right")
+        axes[-1, 0].set_xticks(x, self.classes, rotation=30, ha="right")
+        hidden = sum(1 for g in self.groups if g.faces) - len(shown)
+        if hidden:
+            fig.suptitle(f"first {len(shown)} groups; {hidden} more in composition.csv", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return Path(path)
+
+    def report(self) -> str:
+        """report.md: what was measured, how, the numbers and the limits."""
+        d = self.to_dict()
+        skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in d["skipped"].items())
+        lines = [
+            f"# Composition audit: {self.images} images, {d['faces']} faces",
+            "",
+            "## What was measured",
+            f"The share of faces in each group that model `{self.model['name']}` (version {self.model['version']}) "
+            f"would label as each `{self.scheme}` class: the categories are **perceived** race categories in the "
+            "terms of the training labels, never anyone's identity, ancestry or self-identification. "
+            f"Not counted: {skipped} (see faces.jsonl).",
+            "",
+            "## How",
+            f"- `estimate`: method `{self.method}`" + (f" (= `{self.method_used}`)" if self.method == "adjusted" else "")
+            + f": {METHOD_TEXT[self.method_used]}.",
+            "- `count_share`: the naive share of predicted labels, for comparison.",
+            f"- `ci_low`, `ci_high`: 95% percentile bootstrap interval, {self.replicates} replicates (seed "
+            f"{self.seed}) resampling the {d['intervals']['resampled']}.",
+            "",
+            "## Composition",
+        ]
+        for g in self.groups:
+            if not g.faces:
+                continue
+            lines += ["", f"### {g.name} ({g.faces} faces)", "", "| class | count share | estimate | 95% interval |",
+                      "|---|---|---|---|"]
+            lines += [f"| {c} | {g.count_share[i]:.1%} | {g.estimate[i]:.1%} | {g.ci_low[i]:.1%} - {g.ci_high[i]:.1%} |"
+                      for i, c in enumerate(self.classes)]
+        if self.warnings:
+            lines += ["", "## Warnings", "", *(f"- {w}" for w in self.warnings)]
+        lines += ["", "![composition](composition.png)", "", "## Limits", "", *(f"- {x}" for x in LIMITS), ""]
+        return "\n".join(lines)
+
+    def save(self, out: str | Path) -> Path:
+        """Write composition.csv, composition.json, composition.png and report.md into folder `out`."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "composition.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            w.writeheader()
+            w.writerows(self.rows())
+        (out / "composition.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        self.plot(out / "composition.png")
+        (out / "report.md").write_text(self.report())
+        return out
+
+
+LIMITS = (
+    "The adjusted methods assume the collection differs from the model's training data only in its mix of "
+    "groups, not in how the photos look (lighting, age, pose, resolution, make-up, filters). Under such shifts "
+    "the estimate may be biased and the interval does not cover the bias: docs/BENCHMARKS.md measures it "
+    "across datasets (UTKFace).",
+    "The categories are perceived, coarse and contested social categories, not identity.",
+    f"Groups with fewer than {SMALL_GROUP} faces get wide intervals and a warning.",
+    "Only detected faces at least the minimum size are counted; faces the detector misses (profile, occluded, "
+    "very small) are not in the composition.",
+    "The error statistics come from the model's own held-out training faces (see its model card for what "
+    "that data covers).",
+)
+
+
+def composition(rows: Iterable[dict[str, Any]], *, model: dict[str, str], model_scheme: str,
+                heldout: HeldOut | None = None, scheme: str | None = None, method: str = "adjusted",
+                replicates: int = 1000, seed: int = 0) -> AuditResult:
+    """The composition of per-face rows (keys as `facerace predict` writes them, plus `group` when grouped).
+
+    Rows with status `ok` are faces; `too_small`, `no_face` and `error` rows are counted per
+    group. `scheme` (default: that of the rows' probabilities) may be coarser than the rows'.
+    The adjusted methods use `heldout` (the model's held-out statistics in `model_scheme`).
+    """
+    method = check_choice("method", method, METHODS)
+    if replicates < 1:
+        raise InvalidParameterError(f"replicates must be at least 1, got {replicates}")
+    images: set[str] = set()
+    probs: dict[str, list[np.ndarray]] = {ALL: []}
+    skipped: dict[str, dict[str, int]] = {ALL: dict.fromkeys(SKIPPED, 0)}
+    source: str | None = None
+    for row in rows:
+        images.add(str(row.get("path")))
+        group = row.get("group")
+        names = [ALL] if group is None else [ALL, f"{group} (group)" if str(group) == ALL else str(group)]
+        for name in names:
+            probs.setdefault(name, [])
+            skipped.setdefault(name, dict.fromkeys(SKIPPED, 0))
+        vector = _vector(row, source)
+        if vector is not None:
+            source = source or vector[0]
+            for name in names:
+                probs[name].append(vector[1])
+        else:
+            for name in names:
+                skipped[name][row.get("status") if row.get("status") in SKIPPED else "error"] += 1
+    if source is None:
+        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped[ALL].items())
+        raise NoFaceFoundError(f"no face could be classified in {len(images)} image(s) ({counts}); see the per-face rows")
+    out_scheme = get_scheme(scheme or source).name
+    merge = mapping_matrix(source, out_scheme)
+    held = None
+    if method in NEEDS_HELDOUT:
+        if heldout is None:
+            raise InvalidParameterError(f"method {method!r} needs the model's held-out statistics")
+        held = convert_heldout(heldout, model_scheme, source)
+    groups, notes = [], []
+    for i, name in enumerate([ALL, *sorted(k for k in probs if k != ALL)]):
+        n = len(probs[name])
+        if n == 0:
+            notes.append(f"group {name!r} has no classified face; it is left out of the composition")
+            groups.append(GroupShares(name, 0, skipped[name]))
+            continue
+        if n < SMALL_GROUP:
+            notes.append(f"group {name!r} has only {n} faces (< {SMALL_GROUP}): its intervals are wide")
+        s = shares(np.stack(probs[name]), method, held, merge=merge, replicates=replicates, random_state=[seed, i])
+        groups.append(GroupShares(name, n, skipped[name], *(tuple(round(float(v), 4) for v in a)
+                                                             for a in (s.count, s.estimate, s.low, s.high))))
+    return AuditResult(get_scheme(out_scheme).classes, out_scheme, method, model, tuple(groups), len(images),
+                       replicates, seed, len(held.labels) if held is not None else None, tuple(notes))
+
+
+def _vector(row: dict[str, Any], scheme: str | None) -> tuple[str, np.ndarray] | None:
+    """(scheme, probability vector) of an `ok` row whose probabilities are those of `scheme` (any scheme if
+    None); None for any other row."""
+    probs = row.get("probabilities")
+    if row.get("status") != "ok" or not isinstance(probs, dict):
+        return None
+    try:
+        found = rows_scheme(probs)
+        vector = np.array([float(probs[c]) for c in SCHEMES[found].classes])
+    except (InvalidParameterError, TypeError, ValueError):
+        return None
+    if scheme not in (None, found) or not np.all(np.isfinite(vector)) or vector.min() < 0 or vector.sum() <= 0:
+        return None
+    return found, vector / vector.sum()
+
+
+def rows_scheme(probabilities: dict[str, float]) -> str:
+    """The label scheme whose classes are exactly the keys of a row's probabilities."""
+    for name, s in SCHEMES.items():
+        if set(probabilities) == set(s.classes):
+            return name
+    raise InvalidParameterError(f"the probabilities' classes {sorted(probabilities)} are not those of a scheme "
+                                f"({', '.join(SCHEMES)}); were they written by `facerace predict`?")
+
+
+def convert_heldout(heldout: HeldOut, source: str, target: str) -> HeldOut:
+    """Held-out statistics mapped from scheme `source` onto `target` (faces of dropped classes left out)."""
+    if source == target:
+        return heldout
+    src, dst = SCHEMES[source].classes, get_scheme(target).classes
+    labels = [convert_label(src[i], source, target) for i in heldout.labels]
+    keep = np.array([c is not None for c in labels])
+    return HeldOut(convert_probabilities(heldout.probabilities[keep], source, target),
+                   np.array([dst.index(c) for c in labels if c is not None], np.int64))
+
+
+# ---- reading per-face rows back ----------------------------------------------------------------------------
+def read_predictions(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Per-face rows from a file `facerace predict` wrote (.jsonl or .csv) or a .parquet with the same columns.
+
+    The file is checked now and read as the rows are consumed. A line or row that cannot be
+    read becomes an `error` row, so one bad row never stops an audit.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in PREDICTION_FORMATS:
+        raise InvalidParameterError(f"{path}: predictions must be {', '.join(PREDICTION_FORMATS)}, not {suffix!r}")
+    if not path.is_file():
+        raise InvalidParameterError(f"{path}: no such predictions file")
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise MissingDependencyError('reading .parquet needs pyarrow: pip install "facerace[parquet]"') from exc
+        return (_parquet_row(row, f"{path}:row {n}") for n, row in enumerate(pq.read_table(path).to_pylist(), 1))
+    return _text_rows(path, suffix)
+
+
+def _text_rows(path: Path, suffix: str) -> Iterator[dict[str, Any]]:
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line, text in enumerate(f, start=1):
+                if text.strip():
+                    yield _checked_row(_json(text), f"{path}:{line}")
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for line, row in enumerate(csv.DictReader(f), start=2):
+                yield _checked_row(_flat(row), f"{path}:{line}")
+
+
+def _parquet_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    if isinstance(row.get("probabilities"), list):  # a parquet map column reads as (key, value) pairs
+        row["probabilities"] = dict(row["probabilities"])
+    return _checked_row(row if "probabilities" in row else _flat(row), where)
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV-style row (`p_<class>` columns) with its probabilities gathered into a dict."""
+    out = {k: v for k, v in row.items() if not k.startswith("p_")}
+    probs = {k[2:]: v for k, v in row.items() if k.startswith("p_") and v not in (None, "")}
+    out["probabilities"] = probs or None
+    return out
+
+
+def _checked_row(row: Any, where: str) -> dict[str, Any]:
+    """`row` if it is a per-face row (its probabilities are checked by `composition`); else an error row."""
+    if not isinstance(row, dict) or "status" not in row:
+        return {"path": where, "status": "error", "error": "not a per-face row (no status)"}
+    return row
+
+
+# ---- the whole audit ------------------------------------------------------------------------------------
+def grouper(by: str | None, paths: Sequence[str] = (), *, column: str | None = None
+            ) -> Callable[[dict[str, Any]], str | None]:
+    """The function giving a row's group: none, the folder holding its image, or a column.
+
+    A column is looked up in the row itself (predictions files) or else in the CSVs among
+    `paths` that listed the image (in CSV column `column`, default path or file).
+    """
+    if by in (None, "none"):
+        return lambda row: None
+    if by == "folder":
+        return lambda row: str(Path(str(row.get("path"))).parent)
+    lookup = _csv_column(paths, by, column) if paths else {}
+    return lambda row: str(row[by]) if row.get(by) not in (None, "") else lookup.get(str(row.get("path")), "(none)")
+
+
+def _csv_column(paths: Sequence[str], by: str, column: str | None) -> dict[str, str]:
+    """image path (as `sources.expand` writes it) -> the value of column `by`, from every CSV in `paths`."""
+    from facerace.apps.sources import expand
+
+    lookup: dict[str, str] = {}
+    for arg in paths:
+        if not (Path(arg).is_file() and Path(arg).suffix.lower() == ".csv"):
+            continue
+        with open(arg, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if by not in (reader.fieldnames or []):
+                raise InvalidParameterError(f"--by {by}: {arg} has no column {by!r}; its columns are: "
+                                            f"{', '.join(reader.fieldnames or [])}")
+            values = [r.get(by) or "(none)" for r in reader]
+        lookup.update({s.path: v for s, v in zip(expand([arg], column=column), values)})
+    if not lookup:
+        raise InvalidParameterError(f"--by {by}: grouping by a column needs CSV inputs that have it, or --from "
+                                    "a predictions file; use --by folder or --by none for images and folders")
+    return lookup
+
+
+def audit(
+    paths: Sequence[str | Path] = (),
+    *,
+    out: str | Path | None = None,
+    by: str = "none",
+    scheme: str | None = None,
+    model: str | Path = "default",
+    method: str = "adjusted",
+    detector: str | None = None,
+    predictions: str | Path | None = None,
+    column: str | None = None,
+    root: str | Path | None = None,
+    workers: int | None = None,
+    replicates: int = 1000,
+) -> AuditResult:
+    """The composition of the faces in `paths` (images, folders, globs, CSVs of paths) per group.
+
+    `by`: `none` (one group, `all`), `folder` (the folder holding each image) or the name of
+    a column of the CSVs (or of the `predictions` file). `predictions`: read the per-face rows
+    of an earlier `facerace predict` run (.jsonl, .csv, .parquet; made with model `model`)
+    instead of predicting `paths`. `method`: one of METHODS (`adjusted` is `quantify.ADJUSTED`);
+    intervals come from `replicates` bootstrap replicates (seed 0).
+    With `out`, writes composition.csv/.json/.png, report.md and (unless `predictions`)
+    faces.jsonl there. Groups under SMALL_GROUP faces give a SmallGroupWarning.
+    """
+    from facerace.model import load_config, load_heldout
+    from facerace.training.runs import new_run_dir
+
+    method = check_choice("method", method, METHODS)
+    if scheme is not None:
+        get_scheme(scheme)
+    if bool(paths) == (predictions is not None):
+        raise InvalidParameterError("give images (PATH...) or --from a predictions file, not both or neither")
+    config = load_config(model)
+    heldout = load_heldout(model, config) if method in NEEDS_HELDOUT else None
+    strs = [str(p) for p in paths]
+    group = grouper(by, strs, column=column)
+    folder = new_run_dir(out, "audit") if out is not None else None
+    if predictions is not None:
+        rows: Iterable[dict[str, Any]] = read_predictions(predictions)
+    else:
+        rows = _predicted_rows(strs, model=model, detector=detector, column=column, root=root, workers=workers)
+    grouped = ({**r, "group": group(r)} for r in rows)
+    if folder is not None and predictions is None:
+        grouped = _written(grouped, folder / "faces.jsonl")
+    result = composition(grouped, model={"name": config.name, "version": config.version, "path": str(model)},
+                         model_scheme=config.scheme, heldout=heldout, scheme=scheme, method=method,
+                         replicates=replicates)
+    for note in result.warnings:
+        warnings.warn(note, SmallGroupWarning, stacklevel=2)
+    if folder is not None:
+        result.save(folder)
+    return result
+
+
+def _predicted_rows(paths: list[str], *, model: str | Path, detector: str | None, column: str | None,
+                    root: str | Path | None, workers: int | None) -> Iterator[dict[str, Any]]:
+    """Per-face rows of the images in `paths`, predicted in the model's own scheme; bad inputs give error rows."""
+    from tqdm import tqdm
+
+    from facerace.predictor import Predictor
+    from facerace.results import ImageResult
+    from facerace.apps.sources import expand
+
+    predictor = Predictor(model, detector=detector).validate()
+    sources = expand(paths, column=column, root=root)
+    results = iter(predictor.predict_paths([s.path for s in sources if s.error is None], workers=workers))
+    for source in tqdm(sources, desc="predicting", unit="img", disable=None if len(sources) > 1 else True):
+        yield from (ImageResult(path=source.path, error=source.error) if source.error else next(results)).rows()
+
+
+def _written(rows: Iterable[dict[str, Any]], path: Path) -> Iterator[dict[str, Any]]:
+    """Pass rows through, writing each as a JSON line to `path`."""
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+            yield row
