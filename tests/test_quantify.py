@@ -11,7 +11,6 @@ from facerace.quantify import (
     em_priors,
     estimate,
     interval,
-    project_simplex,
     simplex_least_squares,
 )
 
@@ -55,9 +54,17 @@ def test_em_uses_the_training_mix():
     np.testing.assert_allclose(em_priors(probs, np.full((1, 4), 0.25), held.prior), [[0.25, 0.75]], atol=1e-9)
 
 
-def test_project_simplex():
-    got = project_simplex(np.array([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [0.6, 0.6, -1.0], [0.2, 0.3, 0.5]]))
-    np.testing.assert_allclose(got, [[1 / 3] * 3, [1, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]])
+def test_simplex_least_squares_with_the_identity_is_the_projection_onto_the_simplex():
+    b = np.array([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [0.6, 0.6, -1.0], [0.2, 0.3, 0.5], [0.9, 0.4, 0.0]])
+    got = simplex_least_squares(np.broadcast_to(np.eye(3), (5, 3, 3)), b)
+    np.testing.assert_allclose(got, [[1 / 3] * 3, [1, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5], [0.75, 0.25, 0]],
+                               atol=1e-12)
+
+
+def test_simplex_least_squares_with_a_singular_matrix():
+    a = np.array([[[0.5, 0.5], [0.5, 0.5]]])  # both classes look the same: any split fits, one is returned
+    got = simplex_least_squares(a, np.array([[0.5, 0.5]]))
+    assert got.shape == (1, 2) and got.sum() == pytest.approx(1) and got.min() >= 0
 
 
 def test_simplex_least_squares_matches_the_inverse_inside_the_simplex():

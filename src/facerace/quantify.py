@@ -117,12 +117,20 @@ def bootstrap(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | No
     n, k = probs.shape
     chunk = max(1, _CHUNK_FLOATS // (n * (k if method == "em" else 1)))
     out = []
-    for start in range(0, replicates, chunk):
-        b = min(chunk, replicates - start)
-        weights = rng.multinomial(n, np.full(n, 1 / n), size=b).astype(np.float64)
+    start = estimate(probs, method, heldout) if method == "em" else None
+    for first in range(0, replicates, chunk):
+        b = min(chunk, replicates - first)
+        weights = resample_counts(n, b, rng)
         confusion = _resampled_confusion(heldout, b, rng) if heldout is not None else None
-        out.append(_shares(method, probs, weights, confusion, heldout.prior if heldout is not None else None))
+        out.append(_shares(method, probs, weights, confusion, heldout.prior if heldout is not None else None,
+                           start))
     return np.concatenate(out)
+
+
+def resample_counts(n: int, b: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each of n items is drawn in each of b resamples of size n with replacement, (b, n) floats."""
+    draws = rng.integers(0, n, (b, n)) + n * np.arange(b)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
 
 
 def interval(replicates: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -157,20 +165,19 @@ def _resampled_confusion(heldout: HeldOut, b: int, rng: np.random.Generator) -> 
     out = np.empty((b, k, k))
     for i in range(k):
         rows = heldout.probabilities[heldout.labels == i]
-        counts = rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)), size=b)
-        out[:, :, i] = counts @ rows / len(rows)
+        out[:, :, i] = resample_counts(len(rows), b, rng) @ rows / len(rows)
     return out
 
 
 def _shares(method: str, probs: np.ndarray, weights: np.ndarray, confusion: np.ndarray | None,
-            prior: np.ndarray | None) -> np.ndarray:
-    """Shares (B, K) for B weightings (B, n) of the faces."""
+            prior: np.ndarray | None, start: np.ndarray | None = None) -> np.ndarray:
+    """Shares (B, K) for B weightings (B, n) of the faces (`start`: where EM starts, default the mean)."""
     w = weights / weights.sum(1, keepdims=True)
     if method == "count":
         return w @ np.eye(probs.shape[1])[probs.argmax(1)]
     if method == "em":
         assert prior is not None
-        return em_priors(probs, w, prior)
+        return em_priors(probs, w, prior, start=start)
     q = w @ probs
     if method == "probability":
         return q
@@ -178,55 +185,67 @@ def _shares(method: str, probs: np.ndarray, weights: np.ndarray, confusion: np.n
     return simplex_least_squares(np.broadcast_to(confusion, (len(q), *confusion.shape[1:])), q)
 
 
-def project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection of each row of `v` (B, K) onto the probability simplex (Duchi et al. 2008)."""
-    k = v.shape[1]
-    u = -np.sort(-v, axis=1)
-    excess = np.cumsum(u, axis=1) - 1
-    positive = u - excess / np.arange(1, k + 1) > 0
-    last = k - 1 - np.argmax(positive[:, ::-1], axis=1)
-    theta = excess[np.arange(len(v)), last] / (last + 1)
-    return np.maximum(v - theta[:, None], 0)
+def simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a x - b|| over the probability simplex, exactly, for each of B problems (a: (B, K, K), b: (B, K)).
 
-
-def simplex_least_squares(a: np.ndarray, b: np.ndarray, *, tol: float = 1e-10, max_iter: int = 10_000
-                          ) -> np.ndarray:
-    """argmin ||a x - b|| over the simplex for each of B problems (a: (B, K, K), b: (B, K)).
-
-    Accelerated projected gradient (FISTA, restarted per problem when momentum points uphill,
-    O'Donoghue & Candes 2015); the problem is convex, so this is its minimiser up to `tol`.
+    The minimiser is the equality-constrained least-squares solution on its own support, so
+    the feasible support solution of least residual is it: every support is tried (K <= 12).
     """
-    ata = np.einsum("bji,bjk->bik", a, a)
-    atb = np.einsum("bji,bj->bi", a, b)
-    step = 1 / np.linalg.eigvalsh(ata)[:, -1:]
-    x = np.full(b.shape, 1 / b.shape[1])
-    y, t = x.copy(), np.ones((len(b), 1))
-    for _ in range(max_iter):
-        new = project_simplex(y - step * (np.einsum("bik,bk->bi", ata, y) - atb))
-        moved = np.abs(new - x).max()
-        uphill = (((y - new) * (new - x)).sum(1, keepdims=True) > 0)
-        t = np.where(uphill, 1.0, t)
-        t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        y = new + (t - 1) / t_next * (new - x)
-        x, t = new, t_next
-        if moved < tol:
-            break
-    return x
+    from itertools import combinations
+
+    n, k = b.shape
+    if k > 12:
+        raise InvalidParameterError(f"simplex_least_squares tries every support: at most 12 classes, got {k}")
+    best, best_loss = np.full((n, k), 1 / k), np.full(n, np.inf)
+    for size in range(1, k + 1):
+        for support in combinations(range(k), size):
+            cols = a[:, :, support]
+            kkt = np.zeros((n, size + 1, size + 1))
+            kkt[:, :size, :size] = 2 * np.einsum("bji,bjk->bik", cols, cols)
+            kkt[:, :size, size] = kkt[:, size, :size] = 1
+            rhs = np.concatenate([2 * np.einsum("bji,bj->bi", cols, b), np.ones((n, 1))], axis=1)
+            try:
+                x = np.linalg.solve(kkt, rhs[..., None])[..., :size, 0]
+            except np.linalg.LinAlgError:  # a singular sub-matrix: its least-norm solution
+                x = (np.linalg.pinv(kkt) @ rhs[..., None])[..., :size, 0]
+            loss = ((np.einsum("bjk,bk->bj", cols, x) - b) ** 2).sum(1)
+            better = (x.min(1) >= -1e-12) & (loss < best_loss - 1e-15)
+            full = np.zeros((n, k))
+            full[:, support] = np.clip(x, 0, None)
+            best = np.where(better[:, None], full, best)
+            best_loss = np.where(better, loss, best_loss)
+    return best / best.sum(1, keepdims=True)
 
 
-def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, tol: float = 1e-6,
-              max_iter: int = 1000) -> np.ndarray:
+def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, start: np.ndarray | None = None,
+              tol: float = 1e-6, max_iter: int = 500) -> np.ndarray:
     """Saerens-Latinne-Decaestecker EM: class shares (B, K) for B normalised face weightings (B, n).
 
-    `probs` (n, K) are calibrated under the training class mix `prior` (K,).
+    `probs` (n, K) are calibrated under the training class mix `prior` (K,). EM starts from
+    `start` (K,) if given (e.g. the full sample's estimate, for bootstrap replicates), else
+    from the weighted mean probability (the first step from the training mix). Each cycle of
+    two EM steps is extrapolated (SQUAREM, Varadhan & Roland 2008) and then stabilised by one
+    more EM step; a cycle that would leave the simplex keeps the plain steps.
     """
-    shares = weights @ probs
-    for _ in range(max_iter):
+    def em_step(shares: np.ndarray, w: np.ndarray) -> np.ndarray:
         post = probs[None] * (shares / prior)[:, None, :]
         post /= post.sum(-1, keepdims=True)
-        new = np.einsum("bn,bnk->bk", weights, post)
-        done = np.abs(new - shares).max() < tol
-        shares = new
-        if done:
+        return np.einsum("bn,bnk->bk", w, post)
+
+    shares = weights @ probs if start is None else np.tile(start, (len(weights), 1))
+    active = np.arange(len(weights))
+    for _ in range(max_iter):
+        w, x0 = weights[active], shares[active]
+        x1 = em_step(x0, w)
+        x2 = em_step(x1, w)
+        r, v = x1 - x0, x2 - 2 * x1 + x0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alpha = np.minimum(-np.linalg.norm(r, axis=1) / np.linalg.norm(v, axis=1), -1.0)[:, None]
+        jump = x0 - 2 * alpha * r + alpha**2 * v
+        plain = ~np.all(np.isfinite(jump) & (jump > 0), axis=1)
+        new = em_step(np.where(plain[:, None], x2, jump), w)
+        shares[active] = new
+        active = active[np.abs(new - x0).max(1) >= tol]
+        if not len(active):
             break
     return shares
