@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from facerace.datasets import open_dataset
-from facerace.embeddings import CropEmbedder, embed_files
 from facerace.labels import convert_label, get_scheme, mapping_matrix
-from facerace.model import load_config, load_heldout, load_model, tuned_file
+from facerace.model import load_config, load_heldout, load_model, model_pipeline
 from facerace.quantify import METHODS, HeldOut, shares
-from facerace.runs import environment
+from facerace.training.datasets import open_dataset
+from facerace.training.embeddings import CropEmbedder, embed_files
+from facerace.training.runs import environment
 
 SHOWN = [m for m in METHODS if m != "adjusted"]
 
@@ -38,10 +38,8 @@ def probabilities(model: str, spec: str, split: str, scheme: str, cache_dir: Pat
     config, head = load_model(model)
     ds = open_dataset(spec, split)
     keep = [s for s in ds.samples if convert_label(s.label, ds.scheme, scheme) is not None]
-    tuned = tuned_file(model, config)
-    embedder = CropEmbedder(config.detector, config.backbone, config.chip_size, config.chip_padding, ds.face_padding,
-                            config.flip_average, config.backbone_weights or None, str(tuned) if tuned else None)
-    emb = embed_files([s.path for s in keep], embedder, cache_dir=cache_dir, workers=1, progress=False)
+    emb = embed_files([s.path for s in keep], CropEmbedder(model_pipeline(model, config), ds.face_padding),
+                      cache_dir=cache_dir, workers=1, progress=False)
     classes = get_scheme(scheme).classes
     y = np.array([classes.index(convert_label(s.label, ds.scheme, scheme)) for s, ok in zip(keep, emb.ok) if ok])
     return head.predict_proba(emb.vectors), y
