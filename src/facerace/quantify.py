@@ -196,25 +196,34 @@ def simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n, k = b.shape
     if k > 12:
         raise InvalidParameterError(f"simplex_least_squares tries every support: at most 12 classes, got {k}")
+    whole = _support_solution(a, b, tuple(range(k)))
+    if whole[0].min() >= 0:  # the common case: the full support is feasible everywhere
+        return whole[0] / whole[0].sum(1, keepdims=True)
     best, best_loss = np.full((n, k), 1 / k), np.full(n, np.inf)
     for size in range(1, k + 1):
         for support in combinations(range(k), size):
-            cols = a[:, :, support]
-            kkt = np.zeros((n, size + 1, size + 1))
-            kkt[:, :size, :size] = 2 * np.einsum("bji,bjk->bik", cols, cols)
-            kkt[:, :size, size] = kkt[:, size, :size] = 1
-            rhs = np.concatenate([2 * np.einsum("bji,bj->bi", cols, b), np.ones((n, 1))], axis=1)
-            try:
-                x = np.linalg.solve(kkt, rhs[..., None])[..., :size, 0]
-            except np.linalg.LinAlgError:  # a singular sub-matrix: its least-norm solution
-                x = (np.linalg.pinv(kkt) @ rhs[..., None])[..., :size, 0]
-            loss = ((np.einsum("bjk,bk->bj", cols, x) - b) ** 2).sum(1)
+            x, loss = _support_solution(a, b, support)
             better = (x.min(1) >= -1e-12) & (loss < best_loss - 1e-15)
             full = np.zeros((n, k))
             full[:, support] = np.clip(x, 0, None)
             best = np.where(better[:, None], full, best)
             best_loss = np.where(better, loss, best_loss)
     return best / best.sum(1, keepdims=True)
+
+
+def _support_solution(a: np.ndarray, b: np.ndarray, support: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(x, residual) of min ||a[:, :, support] x - b|| subject to sum(x) = 1 (signs free), per problem."""
+    n, size = len(b), len(support)
+    cols = a[:, :, support]
+    kkt = np.zeros((n, size + 1, size + 1))
+    kkt[:, :size, :size] = 2 * np.einsum("bji,bjk->bik", cols, cols)
+    kkt[:, :size, size] = kkt[:, size, :size] = 1
+    rhs = np.concatenate([2 * np.einsum("bji,bj->bi", cols, b), np.ones((n, 1))], axis=1)
+    try:
+        x = np.linalg.solve(kkt, rhs[..., None])[..., :size, 0]
+    except np.linalg.LinAlgError:  # a singular sub-matrix: its least-norm solution
+        x = (np.linalg.pinv(kkt) @ rhs[..., None])[..., :size, 0]
+    return x, ((np.einsum("bjk,bk->bj", cols, x) - b) ** 2).sum(1)
 
 
 def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, start: np.ndarray | None = None,

@@ -90,11 +90,14 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         + ("" if set(reachable(config.scheme)) <= {config.scheme, *config.thresholds} else
            f" (schemes without their own use the `{config.scheme}` one)") + f". Rule: {config.threshold_rule}.",
         "- Weights: `head.safetensors` (no pickle), SHA-256 in `config.json`, checked at every load.",
+        *([f"- Held-out statistics: `{config.heldout}`, the model's calibrated probabilities on its held-out "
+           "training faces with their true classes (SHA-256 in `config.json`), used by `facerace audit` to "
+           "correct a collection's composition for the model's confusions."] if config.heldout else []),
         "",
         "## Training data",
         f"- {config.trained_on}.",
         "- FairFace (Kärkkäinen & Joo, WACV 2021), CC BY 4.0: the subset available to this project, "
-        "2,300 images per race, **male faces only**. UTKFace (non-commercial) is not used for training.",
+        "**male faces only**. UTKFace (non-commercial) is not used for training.",
         "",
         "## Measured performance",
         "Every figure below comes from `facerace evaluate` (see Reproduce). FairFace figures are on "
