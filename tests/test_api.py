@@ -5,11 +5,11 @@ import sys
 import facerace
 from facerace import predictor
 from facerace.apps import cli, sources
+from facerace.apps.audit import audit
 from facerace.head import HeadParams
 from facerace.training.config import TrainConfig
 from facerace.training.evaluate import evaluate
 from facerace.training.train import train
-from facerace.apps.audit import audit
 
 
 def _flags(command: str) -> set[str]:

@@ -6,14 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
+from test_cli import run
 
 import facerace
 from facerace.apps.audit import CSV_COLUMNS, SmallGroupWarning, composition, read_predictions
 from facerace.errors import InvalidParameterError, NoFaceFoundError
 from facerace.model import CONFIG_FILE, HELDOUT_FILE, ModelConfig, load_config, resolve, save_heldout
 from facerace.quantify import HeldOut
-
-from test_cli import run
 
 pytestmark = pytest.mark.filterwarnings("ignore::facerace.apps.audit.SmallGroupWarning")
 CLASSES7 = ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern")

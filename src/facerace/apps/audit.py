@@ -443,9 +443,9 @@ def _predicted_rows(paths: list[str], *, model: str | Path, detector: str | None
     """Per-face rows of the images in `paths`, predicted in the model's own scheme; bad inputs give error rows."""
     from tqdm import tqdm
 
+    from facerace.apps.sources import expand
     from facerace.predictor import Predictor
     from facerace.results import ImageResult
-    from facerace.apps.sources import expand
 
     predictor = Predictor(model, detector=detector).validate()
     sources = expand(paths, column=column, root=root)
