@@ -167,9 +167,12 @@ def test_usage_errors(tmp_path, faces, model_with_heldout):
                  ("audit", faces[0], "--out", tmp_path / "b", "--method", "acc"),
                  ("audit", faces[0], "--out", tmp_path / "c", "--scheme", "race9"),
                  ("audit", "--from", tmp_path / "p.txt", "--out", tmp_path / "d"),
-                 ("audit", faces[0], "--out", tmp_path / "e", "--by", "season", "--model", model_with_heldout)):
+                 ("audit", faces[0], "--out", tmp_path / "e", "--by", "season", "--model", model_with_heldout),
+                 ("audit", "no/such.jpg", "--out", tmp_path / "f", "--model", model_with_heldout),
+                 ("audit", faces[0], "--out", tmp_path / "g", "--scheme", "race4", "--model", "nope")):
         code, out, err = run(*args)
         assert code == 2 and "Traceback" not in err and out == "", args
+    assert not any(tmp_path.iterdir())  # no output folder is made before the inputs are checked
 
 
 def _rows(probs, scheme_classes, status="ok", group=None):

@@ -13,13 +13,17 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from facerace.errors import InvalidParameterError, MissingDependencyError, NoFaceFoundError, check_choice
 from facerace.labels import SCHEMES, convert_label, convert_probabilities, get_scheme, mapping_matrix
 from facerace.quantify import ADJUSTED, METHODS, NEEDS_HELDOUT, HeldOut, shares
+
+if TYPE_CHECKING:
+    from facerace.apps.sources import Source
+    from facerace.predictor import Predictor
 
 #: The columns of composition.csv, in order.
 CSV_COLUMNS = ("group", "class", "faces", "count_share", "estimate", "ci_low", "ci_high")
@@ -384,7 +388,7 @@ def _csv_column(paths: Sequence[str], by: str, column: str | None) -> dict[str, 
 
 
 def audit(
-    paths: Sequence[str | Path] = (),
+    paths: str | Path | Sequence[str | Path] = (),
     *,
     out: str | Path | None = None,
     by: str = "none",
@@ -408,23 +412,27 @@ def audit(
     With `out`, writes composition.csv/.json/.png, report.md and (unless `predictions`)
     faces.jsonl there. Groups under SMALL_GROUP faces give a SmallGroupWarning.
     """
+    from facerace.labels import mapping
     from facerace.model import load_config, load_heldout
     from facerace.training.runs import new_run_dir
 
     method = check_choice("method", method, METHODS)
-    if scheme is not None:
-        get_scheme(scheme)
+    paths = [paths] if isinstance(paths, (str, Path)) else paths
     if bool(paths) == (predictions is not None):
         raise InvalidParameterError("give images (PATH...) or --from a predictions file, not both or neither")
     config = load_config(model)
+    if scheme is not None:
+        get_scheme(scheme)
+        if predictions is None:
+            mapping(config.scheme, scheme)  # the model's classes must map onto it
     heldout = load_heldout(model, config) if method in NEEDS_HELDOUT else None
     strs = [str(p) for p in paths]
     group = grouper(by, strs, column=column)
-    folder = new_run_dir(out, "audit") if out is not None else None
     if predictions is not None:
         rows: Iterable[dict[str, Any]] = read_predictions(predictions)
     else:
         rows = _predicted_rows(strs, model=model, detector=detector, column=column, root=root, workers=workers)
+    folder = new_run_dir(out, "audit") if out is not None else None  # after every check of the inputs
     grouped = ({**r, "group": group(r)} for r in rows)
     if folder is not None and predictions is None:
         grouped = _written(grouped, folder / "faces.jsonl")
@@ -440,15 +448,23 @@ def audit(
 
 def _predicted_rows(paths: list[str], *, model: str | Path, detector: str | None, column: str | None,
                     root: str | Path | None, workers: int | None) -> Iterator[dict[str, Any]]:
-    """Per-face rows of the images in `paths`, predicted in the model's own scheme; bad inputs give error rows."""
-    from tqdm import tqdm
+    """Per-face rows of the images in `paths`, predicted in the model's own scheme; bad inputs give error rows.
 
+    The model, detector and paths are checked now; the images are predicted as the rows are consumed.
+    """
     from facerace.apps.sources import expand
     from facerace.predictor import Predictor
-    from facerace.results import ImageResult
 
     predictor = Predictor(model, detector=detector).validate()
     sources = expand(paths, column=column, root=root)
+    return _rows_of(predictor, sources, workers)
+
+
+def _rows_of(predictor: Predictor, sources: list[Source], workers: int | None) -> Iterator[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from facerace.results import ImageResult
+
     results = iter(predictor.predict_paths([s.path for s in sources if s.error is None], workers=workers))
     for source in tqdm(sources, desc="predicting", unit="img", disable=None if len(sources) > 1 else True):
         yield from (ImageResult(path=source.path, error=source.error) if source.error else next(results)).rows()
