@@ -123,12 +123,13 @@ class AuditResult:
             ax.set_ylabel("share")
             ax.set_title(f"{g.name}: {g.faces} faces", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
-        axes[0, 0].legend(fontsize=8, loc="upper right")
         axes[-1, 0].set_xticks(x, self.classes, rotation=30, ha="right")
         hidden = sum(1 for g in self.groups if g.faces) - len(shown)
-        if hidden:
-            fig.suptitle(f"first {len(shown)} groups; {hidden} more in composition.csv", fontsize=9)
-        fig.tight_layout()
+        top = 1 - 0.5 / fig.get_figheight()
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8,
+                   title=f"first {len(shown)} groups; {hidden} more in composition.csv" if hidden else None,
+                   title_fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, top - (0.2 / fig.get_figheight() if hidden else 0)))
         fig.savefig(path)
         plt.close(fig)
         return Path(path)
@@ -141,9 +142,9 @@ class AuditResult:
             f"# Composition audit: {self.images} images, {d['faces']} faces",
             "",
             "## What was measured",
-            f"The share of faces in each group that model `{self.model['name']}` (version {self.model['version']}) "
-            f"would label as each `{self.scheme}` class: the categories are **perceived** race categories in the "
-            "terms of the training labels, never anyone's identity, ancestry or self-identification. "
+            f"The share of the faces in each group that would be perceived as each `{self.scheme}` class, in the "
+            f"terms of the labels model `{self.model['name']}` (version {self.model['version']}) was trained on: "
+            "**perceived** race categories, never anyone's identity, ancestry or self-identification. "
             f"Not counted: {skipped} (see faces.jsonl).",
             "",
             "## How",
@@ -237,7 +238,7 @@ def composition(rows: Iterable[dict[str, Any]], *, model: dict[str, str], model_
             raise InvalidParameterError(f"method {method!r} needs the model's held-out statistics")
         held = convert_heldout(heldout, model_scheme, source)
     groups, notes = [], []
-    for i, name in enumerate([ALL, *sorted(k for k in probs if k != ALL)]):
+    for name in [ALL, *sorted(k for k in probs if k != ALL)]:
         n = len(probs[name])
         if n == 0:
             notes.append(f"group {name!r} has no classified face; it is left out of the composition")
@@ -245,7 +246,7 @@ def composition(rows: Iterable[dict[str, Any]], *, model: dict[str, str], model_
             continue
         if n < SMALL_GROUP:
             notes.append(f"group {name!r} has only {n} faces (< {SMALL_GROUP}): its intervals are wide")
-        s = shares(np.stack(probs[name]), method, held, merge=merge, replicates=replicates, random_state=[seed, i])
+        s = shares(np.stack(probs[name]), method, held, merge=merge, replicates=replicates, random_state=seed)
         groups.append(GroupShares(name, n, skipped[name], *(tuple(round(float(v), 4) for v in a)
                                                              for a in (s.count, s.estimate, s.low, s.high))))
     return AuditResult(get_scheme(out_scheme).classes, out_scheme, method, model, tuple(groups), len(images),
