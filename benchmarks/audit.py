@@ -85,7 +85,7 @@ def table(title: str, results: dict[int, dict[str, dict[str, float]]]) -> None:
           "| mean interval width (points) | s per audit |")
     print("|---|---|---|---|---|---|---|")
     for size, per_method in results.items():
-        redrawn = next(iter(per_method.values()))["redrawn"]
+        redrawn = int(next(iter(per_method.values()))["redrawn"])
         print(f"| {size} | ({redrawn} mixes drawn again: more faces of a class than the data has) | | | | | |")
         for m, r in per_method.items():
             print(f"| {size} | {m} | {r['mae']:.2f} | {r['p95']:.1f} | {r['coverage']:.1%} | {r['width']:.1f} "

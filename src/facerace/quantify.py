@@ -17,8 +17,9 @@ and by how much depends on the true mix. The methods here (shares always sum to 
   stable in docs/BENCHMARKS.md).
 
 Intervals (`bootstrap`) are percentile intervals over replicates that resample the faces
-and, for the adjusted methods, the held-out faces within each true class (the way the
-held-out split was drawn), so they include the uncertainty of M.
+and, for `pacc`, the held-out faces within each true class (the way the held-out split was
+drawn), so they include the uncertainty of M. `em` uses the held-out faces only through
+their class mix, which that resampling keeps fixed: its intervals resample the faces.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from facerace.errors import InvalidParameterError, check_choice
 
 #: The adjusted method `adjusted` stands for (see docs/BENCHMARKS.md, "Auditing a collection").
-ADJUSTED = "pacc"
+ADJUSTED = "em"
 METHODS = ("adjusted", "pacc", "em", "count", "probability")
 #: Methods that need the model's held-out statistics.
 NEEDS_HELDOUT = ("adjusted", "pacc", "em")
@@ -111,7 +112,7 @@ def estimate(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | Non
 
 def bootstrap(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | None = None, *,
               replicates: int = 1000, random_state: int | np.random.Generator | None = 0) -> np.ndarray:
-    """Shares (replicates, K) re-estimated on resampled faces (and held-out faces, per true class)."""
+    """Shares (replicates, K) re-estimated on resampled faces (and, for pacc, held-out faces per true class)."""
     probs, method = _check(probs, method, heldout)
     rng = np.random.default_rng(random_state)
     n, k = probs.shape

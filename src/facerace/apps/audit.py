@@ -97,7 +97,7 @@ class AuditResult:
             "images": self.images, "faces": self.groups[0].faces, "skipped": dict(self.groups[0].skipped),
             "intervals": {"level": 0.95, "bootstrap_replicates": self.replicates, "seed": self.seed,
                           "resampled": "faces" + (f" and the model's {self.heldout_faces} held-out faces (within "
-                                                  "each true class)" if self.heldout_faces else "")},
+                                                  "each true class)" if self.method_used == "pacc" else "")},
             "groups": [{"group": g.name, "faces": g.faces, "skipped": dict(g.skipped)} for g in self.groups],
             "rows": self.rows(), "warnings": list(self.warnings),
         }
