@@ -86,7 +86,7 @@ def test_bad_inputs_are_counted_not_fatal(audited):
 
 def test_report_states_method_and_limits(audited):
     report = (audited[2] / "report.md").read_text()
-    for phrase in ("perceived", "bootstrap", "held-out faces", "## Limits", "how the photos look", "fewer than 50"):
+    for phrase in ("perceived", "bootstrap", "resampling the faces", "## Limits", "how the photos look", "fewer than 50"):
         assert phrase in report, phrase
 
 
@@ -181,19 +181,19 @@ def _rows(probs, scheme_classes, status="ok", group=None):
 
 
 def test_composition_of_rows_adjusts_and_merges():
-    """Every face is 0.7 White-like and 0.3 Black-like (held-out profiles): counting says 100% White, the
-    adjusted estimate 70/30."""
+    """Every face is 0.7 White-like and 0.3 Black-like (held-out profiles): counting says 100% White, PACC
+    70/30."""
     held = synthetic_heldout()
     m = held.confusion()
     probs = np.tile(0.7 * m[:, 0] + 0.3 * m[:, 1], (100, 1))
     result = composition(_rows(probs, CLASSES7), model={"name": "m", "version": "1"}, model_scheme="fairface7",
-                         heldout=held, replicates=100)
+                         heldout=held, method="pacc", replicates=100)
     est = dict(zip(result.classes, result.groups[0].estimate))
     count = dict(zip(result.classes, result.groups[0].count_share))
     assert count["White"] == 1.0 and est["White"] == pytest.approx(0.7, abs=1e-3) and not result.warnings
     assert est["Black"] == pytest.approx(0.3, abs=1e-3)
     merged = composition(_rows(probs, CLASSES7), model={"name": "m", "version": "1"}, model_scheme="fairface7",
-                         heldout=held, scheme="utk5", replicates=100)
+                         heldout=held, method="pacc", scheme="utk5", replicates=100)
     assert merged.classes == ("White", "Black", "Asian", "Indian", "Others")
     assert sum(merged.groups[0].estimate) == pytest.approx(1, abs=1e-3)
 

@@ -61,6 +61,10 @@ class FaceraceWarning(UserWarning):
     the CLI prints it as `facerace VERB: warning: ...`."""
 
 
+class SmallGroupWarning(FaceraceWarning):
+    """An audited group has too few faces (or none) for a useful estimate: its intervals are wide."""
+
+
 def check_choice(name: str, value: str, allowed: list[str] | tuple[str, ...]) -> str:
     """Return `value` if it is in `allowed`, else raise InvalidParameterError with a hint."""
     if value in allowed:

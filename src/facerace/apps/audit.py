@@ -17,9 +17,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from facerace.errors import InvalidParameterError, MissingDependencyError, NoFaceFoundError, check_choice
+from facerace.errors import (
+    InvalidParameterError,
+    MissingDependencyError,
+    NoFaceFoundError,
+    SmallGroupWarning,
+    check_choice,
+)
 from facerace.labels import SCHEMES, convert_label, convert_probabilities, get_scheme, mapping_matrix
 from facerace.quantify import ADJUSTED, METHODS, NEEDS_HELDOUT, HeldOut, shares
+from facerace.textout import CsvWriter, progress_bar
 
 if TYPE_CHECKING:
     from facerace.apps.sources import Source
@@ -44,10 +51,6 @@ METHOD_TEXT = {
     "em": "Saerens-Latinne-Decaestecker prior re-estimation: expectation-maximisation of the class shares, "
           "rescaling each face's calibrated probabilities by the shares over the training mix",
 }
-
-
-class SmallGroupWarning(UserWarning):
-    """A group has fewer than SMALL_GROUP faces: its intervals are wide."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ class AuditResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "composition.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            w = CsvWriter(f, CSV_COLUMNS)
             w.writeheader()
             w.writerows(self.rows())
         (out / "composition.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -399,9 +402,9 @@ def audit(
     detector: str | None = None,
     predictions: str | Path | None = None,
     column: str | None = None,
-    root: str | Path | None = None,
     workers: int | None = None,
     replicates: int = 1000,
+    quiet: bool = False,
 ) -> AuditResult:
     """The composition of the faces in `paths` (images, folders, globs, CSVs of paths) per group.
 
@@ -409,7 +412,8 @@ def audit(
     a column of the CSVs (or of the `predictions` file). `predictions`: read the per-face rows
     of an earlier `facerace predict` run (.jsonl, .csv, .parquet; made with model `model`)
     instead of predicting `paths`. `method`: one of METHODS (`adjusted` is `quantify.ADJUSTED`);
-    intervals come from `replicates` bootstrap replicates (seed 0).
+    intervals come from `replicates` bootstrap replicates (seed 0). `quiet`: no progress bar or
+    notes on stderr. Paths in CSVs must stay inside the CSV's folder.
     With `out`, writes composition.csv/.json/.png, report.md and (unless `predictions`)
     faces.jsonl there. Groups under SMALL_GROUP faces give a SmallGroupWarning.
     """
@@ -432,7 +436,7 @@ def audit(
     if predictions is not None:
         rows: Iterable[dict[str, Any]] = read_predictions(predictions)
     else:
-        rows = _predicted_rows(strs, model=model, detector=detector, column=column, root=root, workers=workers)
+        rows = _predicted_rows(strs, model=model, detector=detector, column=column, workers=workers, quiet=quiet)
     folder = new_run_dir(out, "audit") if out is not None else None  # after every check of the inputs
     grouped = ({**r, "group": group(r)} for r in rows)
     if folder is not None and predictions is None:
@@ -448,7 +452,7 @@ def audit(
 
 
 def _predicted_rows(paths: list[str], *, model: str | Path, detector: str | None, column: str | None,
-                    root: str | Path | None, workers: int | None) -> Iterator[dict[str, Any]]:
+                    workers: int | None, quiet: bool) -> Iterator[dict[str, Any]]:
     """Per-face rows of the images in `paths`, predicted in the model's own scheme; bad inputs give error rows.
 
     The model, detector and paths are checked now; the images are predicted as the rows are consumed.
@@ -457,17 +461,16 @@ def _predicted_rows(paths: list[str], *, model: str | Path, detector: str | None
     from facerace.predictor import Predictor
 
     predictor = Predictor(model, detector=detector).validate()
-    sources = expand(paths, column=column, root=root)
-    return _rows_of(predictor, sources, workers)
+    sources = expand(paths, column=column, quiet=quiet)
+    return _rows_of(predictor, sources, workers, quiet)
 
 
-def _rows_of(predictor: Predictor, sources: list[Source], workers: int | None) -> Iterator[dict[str, Any]]:
-    from tqdm import tqdm
-
+def _rows_of(predictor: Predictor, sources: list[Source], workers: int | None, quiet: bool
+             ) -> Iterator[dict[str, Any]]:
     from facerace.results import ImageResult
 
     results = iter(predictor.predict_paths([s.path for s in sources if s.error is None], workers=workers))
-    for source in tqdm(sources, desc="predicting", unit="img", disable=None if len(sources) > 1 else True):
+    for source in progress_bar(sources, quiet=quiet or len(sources) < 2, desc="predicting", unit="img"):
         yield from (ImageResult(path=source.path, error=source.error) if source.error else next(results)).rows()
 
 

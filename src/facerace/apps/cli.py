@@ -110,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--from", dest="predictions", type=Path, metavar="FILE",
                     help="per-face rows of an earlier `facerace predict` run with this --model (.jsonl, .csv, "
                          ".parquet) instead of PATHs")
-    au.add_argument("--column", help="CSV column holding paths (default: path or file)")
-    au.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
+    au.add_argument("--column", help="CSV column holding paths (default: path or file); they must stay inside "
+                                     "the CSV's folder")
     au.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per interval (default 1000)")
     au.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
@@ -445,21 +445,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    import warnings
+    from facerace.apps.audit import audit
 
-    from facerace.apps.audit import SmallGroupWarning, audit
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SmallGroupWarning)
-        result = audit(args.paths, out=args.out, by=args.by, scheme=args.scheme, model=args.model,
-                       method=args.method, detector=args.detector, predictions=args.predictions, column=args.column,
-                       root=args.root, workers=args.workers, replicates=args.replicates)
-    for w in caught:
-        print(f"facerace audit: warning: {w.message}", file=sys.stderr)
+    result = audit(args.paths, out=args.out, by=args.by, scheme=args.scheme, model=args.model, method=args.method,
+                   detector=args.detector, predictions=args.predictions, column=args.column, workers=args.workers,
+                   replicates=args.replicates, quiet=args.quiet)
     everything = result.groups[0]
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in everything.skipped.items())
-    print(f"{everything.faces} faces from {result.images} images ({skipped}) in {len(result.groups) - 1 or 1} "
-          f"group(s); method {result.method_used}: {args.out}/report.md", file=sys.stderr)
+    _say(f"{everything.faces} faces from {result.images} images ({skipped}) in {max(1, len(result.groups) - 1)} "
+         f"group(s); method {result.method_used}: {args.out}/report.md", quiet=args.quiet)
     return 0
 
 
