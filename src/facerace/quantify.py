@@ -118,13 +118,11 @@ def bootstrap(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | No
     n, k = probs.shape
     chunk = max(1, _CHUNK_FLOATS // (n * (k if method == "em" else 1)))
     out = []
-    start = estimate(probs, method, heldout) if method == "em" else None
     for first in range(0, replicates, chunk):
         b = min(chunk, replicates - first)
         weights = resample_counts(n, b, rng)
         confusion = _resampled_confusion(heldout, b, rng) if heldout is not None else None
-        out.append(_shares(method, probs, weights, confusion, heldout.prior if heldout is not None else None,
-                           start))
+        out.append(_shares(method, probs, weights, confusion, heldout.prior if heldout is not None else None))
     return np.concatenate(out)
 
 
@@ -171,14 +169,14 @@ def _resampled_confusion(heldout: HeldOut, b: int, rng: np.random.Generator) -> 
 
 
 def _shares(method: str, probs: np.ndarray, weights: np.ndarray, confusion: np.ndarray | None,
-            prior: np.ndarray | None, start: np.ndarray | None = None) -> np.ndarray:
-    """Shares (B, K) for B weightings (B, n) of the faces (`start`: where EM starts, default the mean)."""
+            prior: np.ndarray | None) -> np.ndarray:
+    """Shares (B, K) for B weightings (B, n) of the faces."""
     w = weights / weights.sum(1, keepdims=True)
     if method == "count":
         return w @ np.eye(probs.shape[1])[probs.argmax(1)]
     if method == "em":
         assert prior is not None
-        return em_priors(probs, w, prior, start=start)
+        return em_priors(probs, w, prior)
     q = w @ probs
     if method == "probability":
         return q
@@ -227,13 +225,13 @@ def _support_solution(a: np.ndarray, b: np.ndarray, support: tuple[int, ...]) ->
     return x, ((np.einsum("bjk,bk->bj", cols, x) - b) ** 2).sum(1)
 
 
-def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, start: np.ndarray | None = None,
-              tol: float = 1e-6, max_iter: int = 500) -> np.ndarray:
+def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, tol: float = 1e-6,
+              max_iter: int = 500) -> np.ndarray:
     """Saerens-Latinne-Decaestecker EM: class shares (B, K) for B normalised face weightings (B, n).
 
-    `probs` (n, K) are calibrated under the training class mix `prior` (K,). EM starts from
-    `start` (K,) if given (e.g. the full sample's estimate, for bootstrap replicates), else
-    from the weighted mean probability (the first step from the training mix). Each cycle of
+    `probs` (n, K) are calibrated under the training class mix `prior` (K,). EM starts from the
+    weighted mean probability (the first step from the training mix; never from an earlier
+    estimate: a share that reached 0 could not grow again). Each cycle of
     two EM steps is extrapolated (SQUAREM, Varadhan & Roland 2008) and then stabilised by one
     more EM step; a cycle that would leave the simplex keeps the plain steps.
     """
@@ -242,7 +240,7 @@ def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, star
         post /= post.sum(-1, keepdims=True)
         return np.einsum("bn,bnk->bk", w, post)
 
-    shares = weights @ probs if start is None else np.tile(start, (len(weights), 1))
+    shares = weights @ probs
     active = np.arange(len(weights))
     for _ in range(max_iter):
         w, x0 = weights[active], shares[active]
