@@ -4,7 +4,7 @@ import sys
 
 import facerace
 from facerace import predictor
-from facerace.apps import cli, sources
+from facerace.apps import cli, ray_engine, sources
 from facerace.apps.audit import audit
 from facerace.head import HeadParams
 from facerace.training.config import TrainConfig
@@ -26,9 +26,11 @@ def test_cli_flags_are_api_parameters():
     assert _flags("train") <= _params(train) | config_fields | {"resume"}
     assert _flags("evaluate") <= _params(evaluate)
     api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
-    assert _flags("predict") - {"format", "output", "annotate", "paths", "quiet"} <= api
+    ray = _params(ray_engine.run)  # --engine ray
+    assert _flags("predict") - {"format", "output", "annotate", "paths", "quiet", "engine"} <= api | ray
     assert _flags("audit") - {"quiet"} <= _params(audit)
-    assert _flags("embed") - {"output", "quiet"} <= _params(predictor.Predictor) | _params(sources.expand) | {"paths"}
+    assert _flags("embed") - {"output", "quiet", "format", "engine"} <= _params(predictor.Predictor) \
+        | _params(sources.expand) | {"paths"} | ray
 
 
 def test_public_names():
@@ -46,7 +48,7 @@ def test_import_has_no_side_effects(tmp_path):
         "def refuse(*a, **k): raise RuntimeError('network used at import')\n"
         "socket.socket.connect = refuse\n"
         "import facerace\n"
-        "heavy = {'cv2', 'dlib', 'matplotlib', 'torch'} & set(sys.modules)\n"
+        "heavy = {'cv2', 'dlib', 'matplotlib', 'torch', 'ray', 'pyarrow'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     env = {"HOME": str(tmp_path / "home"), "PATH": ""}

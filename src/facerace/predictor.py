@@ -226,6 +226,23 @@ class Predictor:
         found = self.pipeline.faces(load_image(image, max_pixels=self.max_pixels, color=color))
         return found, self.embed(found.chips)
 
+    def embed_rows(self, image: ImageInput, name: str | None = None) -> list[dict]:
+        """Output rows of `facerace embed --format parquet` for one image (`name` in `path`, default:
+        describe(image)): one per face of at least `min_face` px (status "ok", box, embedding as a
+        float32 array; faces over `max_faces` "too_many" with no embedding), else one "no_face" row,
+        or one "error" row for an unreadable image."""
+        name = describe(image) if name is None else name
+        try:
+            found, embeddings = self.embed_faces(image)
+        except ImageError as exc:
+            return ImageResult(path=name, error=exc.reason).rows()
+        if not found.large:
+            return ImageResult(path=name).rows()
+        rows = [{"path": name, "face": i, "status": "ok", "box": list(d.box), "embedding": e}
+                for i, (d, e) in enumerate(zip(found.large, embeddings))]
+        return rows + [{"path": name, "face": len(rows) + i, "status": "too_many", "box": list(d.box)}
+                       for i, d in enumerate(found.too_many)]
+
     def predict(self, images: ImageInput | Iterable[ImageInput], *, color: str = "rgb") -> list[ImageResult]:
         """Analyse one image or an iterable of images; one ImageResult per image, in order.
         `color`: see `predict_image`."""

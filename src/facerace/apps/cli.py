@@ -7,13 +7,16 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import IO, TYPE_CHECKING, Sequence
 
 from facerace.errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
 from facerace.textout import printable
 
 if TYPE_CHECKING:
+    from facerace.apps.output import RowWriter
+    from facerace.apps.tables import ParquetRowWriter
     from facerace.head import HeadParams
+    from facerace.predictor import Predictor
     from facerace.results import ImageResult
     from facerace.training.config import TrainConfig
 
@@ -48,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="find every face and predict its race category")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
     pr.add_argument("--format", choices=FORMATS, help="output format (default: from the --output file's extension "
-                    ".csv .jsonl .json .txt; else a table on a terminal and jsonl otherwise)")
-    pr.add_argument("--output", "-o", type=Path, help="write rows to this file instead of stdout")
+                    ".csv .jsonl .json .txt .parquet; else a table on a terminal and jsonl otherwise; parquet with "
+                    "--engine ray)")
+    pr.add_argument("--output", "-o", help="write rows to this file instead of stdout (parquet: a new folder, local "
+                                           "or s3:// / gs://)")
     pr.add_argument("--annotate", type=Path, metavar="DIR",
                     help="save copies with boxes and labels drawn here, in the inputs' folder structure")
     pr.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
@@ -62,11 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-face", type=int, default=MIN_FACE, help="smaller faces (px) are reported, not classified")
     pr.add_argument("--max-faces", type=int, default=MAX_FACES,
                     help="faces classified per image, the largest; the others are reported as too_many")
-    pr.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
+    pr.add_argument("--workers", type=int, help="processes for many files (default: all cores); --engine ray: "
+                                                "actors (default: the cluster's CPUs)")
+    _engine(pr)
 
     em = sub.add_parser("embed", help="write one face embedding (descriptor) per face to an .npz file")
     em.add_argument("paths", nargs="+", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
-    em.add_argument("--output", "-o", type=Path, required=True, help="the .npz file to write")
+    em.add_argument("--output", "-o", required=True, help="the .npz file to write (parquet: a new folder, local or "
+                                                          "s3:// / gs://)")
+    em.add_argument("--format", choices=("npz", "parquet"), help="npz (default) or parquet (default with --engine ray)")
     em.add_argument("--backbone", choices=BACKBONES, help="face network (default: the model's)")
     em.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
     em.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
@@ -75,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
     em.add_argument("--min-face", type=int, default=MIN_FACE, help="smaller faces (px) are skipped")
     em.add_argument("--max-faces", type=int, default=MAX_FACES, help="faces embedded per image, the largest")
+    _engine(em)
 
     tr = sub.add_parser("train", help="train a classifier (a head, or fine-tune the network's last layers)")
     _train_options(tr, TrainConfig(), HeadParams())
@@ -230,6 +240,36 @@ def _data_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default="label", help="csv: datasets: the column of labels")
 
 
+def _engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this machine; ray: a Ray cluster, rows written as Parquet (docs/SCALING.md)")
+    p.add_argument("--ray-address", metavar="ADDRESS", help="--engine ray: auto, HOST:PORT or ray://HOST:PORT of a "
+                                                            "running cluster (default: start Ray on this machine)")
+
+
+def _engine_is_ray(args: argparse.Namespace) -> bool:
+    if args.ray_address and args.engine != "ray":
+        raise InvalidParameterError("--ray-address needs --engine ray")
+    return args.engine == "ray"
+
+
+def _ray(args: argparse.Namespace, predictor: Predictor) -> int:
+    """Run `args.command` on Ray (after refusing the options only the local engine has) and print its summary."""
+    from facerace.apps.ray_engine import run
+
+    if args.format not in (None, "parquet"):
+        raise InvalidParameterError(f"--engine ray writes Parquet, not {args.format}: drop --format")
+    if getattr(args, "annotate", None):
+        raise InvalidParameterError("--annotate needs --engine local")
+    if not args.output:
+        raise InvalidParameterError("--engine ray needs --output FOLDER (a new folder, local or s3:// / gs://)")
+    summary = run(args.command, args.paths, args.output, predictor, ray_address=args.ray_address,
+                  workers=getattr(args, "workers", None), column=args.column,
+                  root=str(args.root) if args.root else None, quiet=args.quiet)
+    _say(summary.line(), quiet=args.quiet)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="embedding cache folder (default $FACERACE_CACHE or ~/.cache/facerace)")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
@@ -318,15 +358,27 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold,
                           min_face=args.min_face, max_faces=args.max_faces)
     predictor.validate()  # model, scheme, detector and threshold, before any work
-    fmt = output_format(args.format, args.output, sys.stdout.isatty())
+    if _engine_is_ray(args):
+        return _ray(args, predictor)
+    output = Path(args.output) if args.output else None
+    fmt = output_format(args.format, output, sys.stdout.isatty())
     sources = expand(args.paths, column=args.column, root=args.root, quiet=args.quiet)
     good = [s.path for s in sources if s.error is None]
     check_output(args.output, [*args.paths, *good])
     pictures = annotation_paths(good, args.annotate) if args.annotate else {}
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-    stream = open(args.output, "w", newline="", errors="backslashreplace") if args.output else sys.stdout
-    writer = RowWriter(stream, fmt, predictor.classes)
+    stream: IO[str] | None = sys.stdout
+    if fmt == "parquet":
+        from facerace.apps.tables import ParquetRowWriter, predict_schema
+
+        if output is None:
+            raise InvalidParameterError("--format parquet needs --output FOLDER (a new folder)")
+        writer: RowWriter | ParquetRowWriter = ParquetRowWriter(args.output, predict_schema(predictor.classes))
+        stream = None
+    else:
+        if output:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            stream = open(output, "w", newline="", errors="backslashreplace")
+        writer = RowWriter(stream, fmt, predictor.classes)
     drawn = 0
     try:
         with closing(predictor.predict_paths(good, workers=args.workers)) as results:
@@ -338,7 +390,7 @@ def _predict(args: argparse.Namespace) -> int:
                     drawn += _draw(result, pictures[result.path])
     finally:
         writer.close()
-        if args.output:
+        if stream is not None and stream is not sys.stdout:
             stream.close()
     if args.annotate:
         _say(f"{drawn} annotated picture(s) in {args.annotate}, in the folder structure of the inputs",
@@ -368,11 +420,16 @@ def _embed(args: argparse.Namespace) -> int:
     predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone,
                           backbone_weights=args.backbone_weights, min_face=args.min_face, max_faces=args.max_faces)
     predictor.validate()
-    if args.output.suffix.lower() != ".npz":  # numpy would write OUTPUT.npz, not the file named
-        raise InvalidParameterError(f"embed writes a NumPy .npz file: name it *.npz, not {args.output}")
+    if _engine_is_ray(args):
+        return _ray(args, predictor)
     sources = expand(args.paths, column=args.column, root=args.root, quiet=args.quiet)
     good = [s.path for s in sources if s.error is None]
     check_output(args.output, [*args.paths, *good])
+    if args.format == "parquet":
+        return _embed_parquet(args, predictor, sources)
+    if Path(args.output).suffix.lower() != ".npz":  # numpy would write OUTPUT.npz, not the file named
+        raise InvalidParameterError(f"embed writes a NumPy .npz file: name it *.npz, not {args.output} "
+                                    f"(or pass --format parquet for a Parquet folder)")
     result = embed(good, predictor, progress=not args.quiet)
     errors = [f"{s.path}: {s.error}" for s in sources if s.error] + list(result.errors)
     result = dataclasses.replace(result, errors=tuple(errors))
@@ -381,6 +438,23 @@ def _embed(args: argparse.Namespace) -> int:
          + (f"; {len(errors)} unreadable: " + "; ".join(errors[:3]) if errors else "")
          + (f"; only the {args.max_faces} largest faces embedded in: " + "; ".join(result.too_many[:3])
             if result.too_many else ""), quiet=args.quiet)
+    return 0
+
+
+def _embed_parquet(args: argparse.Namespace, predictor: Predictor, sources: list) -> int:
+    from facerace.apps.tables import ParquetRowWriter, row_schema
+    from facerace.results import ImageResult
+    from facerace.textout import progress_bar
+
+    writer = ParquetRowWriter(args.output, row_schema("embed", predictor))
+    try:
+        for source in progress_bar(sources, quiet=args.quiet or len(sources) < 2, desc="embedding", unit="img"):
+            for row in (ImageResult(path=source.path, error=source.error).rows() if source.error
+                        else predictor.embed_rows(source.path)):
+                writer.write(row)
+    finally:
+        writer.close()
+    _say(f"{writer.count} row(s) from {len(sources)} image(s) -> {args.output}", quiet=args.quiet)
     return 0
 
 

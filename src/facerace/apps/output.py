@@ -1,4 +1,7 @@
-"""Writers for `facerace predict` rows: table, json, jsonl, csv; each row written as it comes."""
+"""Writers for `facerace predict` rows: table, json, jsonl, csv; each row written as it comes.
+
+(parquet, binary, goes to a folder through facerace.apps.tables.ParquetRowWriter.)
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,11 @@ from facerace.errors import InvalidParameterError
 from facerace.results import LANDMARK_NAMES
 from facerace.textout import CsvWriter, fit, printable
 
-FORMATS = ("table", "json", "jsonl", "csv")
+FORMATS = ("table", "json", "jsonl", "csv", "parquet")
 
 #: The format an output file's extension implies (`-o` without `--format`).
-EXTENSION_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "table"}
+EXTENSION_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "table",
+                     ".parquet": "parquet"}
 
 #: Table columns: (title, width); the last column (box, or the error) takes the rest of the line.
 TABLE_COLUMNS = (("path", 40), ("face", 4), ("status", 9), ("label", 16), ("conf", 5), ("uncertain", 9))
@@ -46,7 +50,7 @@ def csv_header(classes: Sequence[str]) -> list[str]:
 
 
 class RowWriter:
-    """Writes output rows (dicts with ROW_KEYS) to a text stream in one format."""
+    """Writes output rows (dicts with ROW_KEYS) to a text stream in one of the text formats."""
 
     def __init__(self, stream: IO[str], fmt: str, classes: Sequence[str]) -> None:
         self.stream, self.fmt, self.classes = stream, fmt, tuple(classes)

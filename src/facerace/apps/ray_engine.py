@@ -1,0 +1,258 @@
+"""The Ray engine: `predict` and `embed` on a Ray cluster through Ray Data, rows written as a Parquet dataset.
+
+Ray Data streams the image list through a pool of actors (one loaded Predictor each) and
+writes their Arrow tables to Parquet with backpressure. Failure handling:
+
+- an image that cannot be read or analysed becomes an "error" row in the actor (never a failed job);
+- an actor whose process dies is restarted (at most MAX_RESTARTS times) and its batch retried
+  (at most MAX_TASK_RETRIES times; Ray Data's default retries forever, so one poison image would
+  never end the job); a batch still failing is dropped, its images are retried one by one, and an
+  image that kills its worker every time gets an "error" row from the driver;
+- actors reserve ACTOR_CPUS (< 1) and the Parquet writers TASK_CPUS, so on a small cluster the
+  writers can always be scheduled next to one actor per core (whole-CPU actors deadlock silently).
+
+`import ray` happens here only: neither `import facerace` nor the local engine loads Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Sequence
+
+from facerace.apps.sources import Source, expand
+from facerace.apps.tables import check_new_folder, filesystem, pyarrow, row_schema, to_table
+from facerace.errors import InvalidParameterError, MissingDependencyError, check_choice
+from facerace.images import IMAGE_SUFFIXES
+from facerace.predictor import Predictor
+from facerace.results import ImageResult
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+KINDS = ("predict", "embed")
+#: URI schemes read through pyarrow's file systems (credentials from the usual environment variables / files).
+REMOTE = ("s3://", "gs://")
+#: CPU reserved per actor, and per read/write task: fractions, so writers fit beside one actor per core.
+ACTOR_CPUS = 0.75
+TASK_CPUS = 0.25
+#: Bounded fault tolerance: restarts per actor, retries per batch on a restarted actor.
+MAX_RESTARTS = 3
+MAX_TASK_RETRIES = 2
+#: Images per Ray block (one actor task) and per call of the actor.
+BLOCK_IMAGES = 64
+BATCH_IMAGES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a run did: images in, face rows and error rows out, images retried alone after their batch killed its
+    worker too often, wall time and the part of it spent starting or joining Ray."""
+
+    images: int
+    faces: int
+    errors: int
+    retried: int
+    seconds: float
+    startup_seconds: float
+    output: str
+
+    def line(self) -> str:
+        rate = self.faces / self.seconds if self.seconds > 0 else 0.0
+        retried = f", {self.retried} retried alone after a worker died" if self.retried else ""
+        return (f"{self.images} images, {self.faces} faces, {self.errors} errors{retried} in {self.seconds:.1f} s "
+                f"({rate:.1f} faces/s; Ray start-up {self.startup_seconds:.1f} s) -> {self.output}")
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("--engine ray needs Ray Data: pip install 'facerace[ray]'") from None
+    return ray
+
+
+def list_images(inputs: Sequence[str], *, column: str | None = None, root: str | None = None) -> list[Source]:
+    """Images of PATH arguments, in order: what `expand` accepts, plus s3:// and gs:// prefixes (listed recursively)."""
+    from pyarrow import fs
+
+    out: list[Source] = []
+    for arg in inputs:
+        if not arg.startswith(REMOTE):
+            out += expand([arg], column=column, root=root)
+            continue
+        filesys, path = filesystem(arg)
+        scheme = arg.split("://", 1)[0]
+        info = filesys.get_file_info(path)
+        if info.type == fs.FileType.File:
+            out.append(Source(arg))
+            continue
+        infos = filesys.get_file_info(fs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+        found = sorted(f"{scheme}://{i.path}" for i in infos
+                       if i.type == fs.FileType.File and os.path.splitext(i.path)[1].lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise InvalidParameterError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) under this prefix")
+        out += [Source(p) for p in found]
+    return out
+
+
+class RowsActor:
+    """A Ray Data actor: a batch of image paths -> an Arrow table of rows, with one Predictor for its lifetime."""
+
+    def __init__(self, predictor: Predictor, kind: str) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # one core per actor; the actor pool gives the parallelism
+        self.predictor, self.kind = predictor, kind
+        self.schema = row_schema(kind, predictor)  # the model loads in the first batch, once per actor
+        self._filesystems: dict[str, Any] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        for path, error in zip(batch["path"], batch["error"]):
+            rows += self.rows(str(path), error or None)
+        return to_table(rows, self.schema)
+
+    def rows(self, path: str, error: str | None) -> list[dict[str, Any]]:
+        """The output rows of one image; any failure becomes its error row."""
+        try:
+            if error:
+                return ImageResult(path=path, error=error).rows()
+            image: Any = self._read(path) if path.startswith(REMOTE) else path
+            if self.kind == "embed":
+                return self.predictor.embed_rows(image, path)
+            return dataclasses.replace(self.predictor.predict_image(image), path=path).rows()
+        except Exception as exc:  # one image must never fail the job
+            return ImageResult(path=path, error=f"{type(exc).__name__}: {exc}").rows()
+
+    def _read(self, uri: str) -> bytes:
+        bucket = uri.split("/", 3)[2]
+        key = uri.split("://", 1)[0] + "://" + bucket
+        if key not in self._filesystems:
+            self._filesystems[key] = filesystem(uri)[0]
+        with self._filesystems[key].open_input_stream(uri.split("://", 1)[1]) as f:
+            return f.read()
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` (auto, HOST:PORT, ray://...), or start Ray on this machine's cores.
+
+    Returns whether this call started Ray (then the caller shuts it down). A Ray already
+    initialised in this process is used as it is.
+    """
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    try:
+        if address is None:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="warning")
+        else:
+            ray.init(address=address, logging_level="warning")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise InvalidParameterError(
+            f"--ray-address {address}: cannot join a Ray cluster there ({exc}); start one with `ray start --head`, "
+            f"or drop --ray-address to run Ray on this machine") from None
+    return True
+
+
+def _process(items: list[dict[str, Any]], predictor: Predictor, kind: str, output: str, actors: int,
+             batch_size: int) -> None:
+    """One Ray Data pass over `items` ({"path", "error"} dicts), appending Parquet files to `output`."""
+    ray = _ray()
+    filesys, path = filesystem(output)
+    blocks = min(len(items), max(4 * actors, math.ceil(len(items) / BLOCK_IMAGES)))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for the restart bounds yet (the pin holds)
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        ds = ds.map_batches(RowsActor, fn_constructor_args=(predictor, kind), batch_size=batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_cpus=ACTOR_CPUS,
+                            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+    ds.write_parquet(path, filesystem=filesys, ray_remote_args={"num_cpus": TASK_CPUS})
+
+
+def _written(output: str, columns: list[str]) -> pa.Table | None:
+    """`columns` of every row written to `output` so far (None while it holds no file)."""
+    import pyarrow.dataset as pds
+    from pyarrow import fs
+
+    filesys, path = filesystem(output)
+    if filesys.get_file_info(path).type != fs.FileType.Directory:
+        return None
+    return pds.dataset(path, format="parquet", filesystem=filesys).to_table(columns=columns)
+
+
+def _missing(paths: list[str], output: str) -> set[str]:
+    """The paths that have no row in `output` yet."""
+    import pyarrow.compute as pc
+
+    pa = pyarrow()
+    written = _written(output, ["path"])
+    if written is None:
+        return set(paths)
+    wanted = pa.array(paths, pa.string())
+    return set(wanted.filter(pc.invert(pc.is_in(wanted, value_set=written["path"]))).to_pylist())
+
+
+def run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, *, ray_address: str | None = None,
+        workers: int | None = None, column: str | None = None, root: str | None = None,
+        quiet: bool = False) -> Summary:
+    """Write the `kind` ("predict" or "embed") rows of every input image to the Parquet folder `output`.
+
+    `inputs`: images, folders, globs, CSVs of paths (visible to every node at the same path) or
+    s3:// / gs:// prefixes; `output`: a new local folder or object-storage prefix; `ray_address`:
+    see `connect`; `workers` (default: the cluster's CPUs) is the size of the actor pool; `quiet`
+    turns off Ray Data's progress bars. Every image gets at least one row; rows come in no
+    particular order.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    check_choice("kind", kind, KINDS)
+    pa = pyarrow()
+    predictor.validate()
+    check_new_folder(output)
+    sources = list_images(inputs, column=column, root=root)
+    if not sources:
+        raise InvalidParameterError(f"no images in {', '.join(inputs)}")
+    ray = _ray()
+    start = time.perf_counter()
+    started = connect(ray_address)
+    startup = time.perf_counter() - start
+    context = ray.data.DataContext.get_current()
+    saved = context.max_errored_blocks, context.enable_progress_bars
+    context.enable_progress_bars = not quiet
+    try:
+        actors = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # a batch that keeps killing its worker is dropped, not fatal: its images are retried alone below
+        context.max_errored_blocks = -1
+        items = [{"path": s.path, "error": s.error or ""} for s in sources]  # "": Arrow needs one column type
+        _process(items, predictor, kind, output, actors, BATCH_IMAGES)
+        lost = retried = _missing([s.path for s in sources], output)
+        if lost:
+            if not quiet:
+                print(f"{len(lost)} image(s) lost with a dead worker; retrying them one by one", file=sys.stderr)
+            _process([i for i in items if i["path"] in lost], predictor, kind, output, min(actors, len(lost)), 1)
+            lost = _missing(sorted(lost), output)
+        if lost:
+            reason = f"the worker died on this image {MAX_TASK_RETRIES + 1} times (a crash or out of memory)"
+            rows = [r for p in sorted(lost) for r in ImageResult(path=p, error=reason).rows()]
+            filesys, path = filesystem(output)
+            filesys.create_dir(path, recursive=True)
+            pq.write_table(to_table(rows, row_schema(kind, predictor)), f"{path}/lost-images.parquet",
+                           filesystem=filesys)
+        seconds = time.perf_counter() - start
+    finally:
+        context.max_errored_blocks, context.enable_progress_bars = saved
+        if started:
+            ray.shutdown()
+    table = _written(output, ["face", "status"])
+    errors = pc.sum(pc.equal(table["status"], pa.scalar("error"))).as_py() or 0
+    return Summary(images=len(sources), faces=len(table) - table["face"].null_count, errors=errors,
+                   retried=len(retried), seconds=seconds, startup_seconds=startup, output=str(output))

@@ -1,0 +1,152 @@
+"""Parquet output: the Arrow schemas of `predict` and `embed` rows, shared by the local and the Ray engine.
+
+Output is a Parquet *dataset*: a folder of `.parquet` files (the local engine writes one,
+`part-00000.parquet`; Ray writes one or more per block), read back whole by
+`pyarrow.parquet.read_table(folder)`, `pandas.read_parquet(folder)`, DuckDB or Spark.
+Local paths and s3:// / gs:// URIs are both accepted (through pyarrow's file systems).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from facerace.errors import InvalidParameterError, MissingDependencyError
+from facerace.results import LANDMARK_NAMES, ROW_KEYS
+from facerace.version import __version__
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs
+
+    from facerace.predictor import Predictor
+
+#: The columns of `predict` rows: the JSONL row keys in their order, then the error (null unless status is "error").
+PREDICT_COLUMNS = (*ROW_KEYS, "error")
+#: Rows per row group of the local writer (and per flush of its buffer).
+ROW_GROUP = 4096
+
+
+def pyarrow() -> Any:
+    """The pyarrow module, or MissingDependencyError naming the extra to install."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "Parquet output needs pyarrow: pip install 'facerace[parquet]' (or 'facerace[ray]')") from None
+    return pa
+
+
+def predict_schema(classes: Sequence[str]) -> pa.Schema:
+    """Arrow schema of `predict` rows (PREDICT_COLUMNS): box a list of 4 int32 [x, y, w, h], probabilities a
+    struct class -> float64, landmarks a struct name -> [x, y] float64.
+
+    List items are named "element", as Parquet names them, so a schema read back equals this one.
+    """
+    pa = pyarrow()
+    point = pa.list_(pa.field("element", pa.float64()), 2)
+    types = {
+        "path": pa.string(), "face": pa.int32(), "status": pa.string(),
+        "box": pa.list_(pa.field("element", pa.int32()), 4),
+        "label": pa.string(), "confidence": pa.float64(), "uncertain": pa.bool_(),
+        "probabilities": pa.struct([pa.field(c, pa.float64()) for c in classes]),
+        "landmarks": pa.struct([pa.field(name, point) for name in LANDMARK_NAMES]),
+        "detection_score": pa.float64(), "error": pa.string(),
+    }
+    return pa.schema([pa.field(c, types[c], nullable=c not in ("path", "status")) for c in PREDICT_COLUMNS],
+                     metadata={"facerace.rows": "predict", "facerace.version": __version__})
+
+
+def embed_schema(dim: int, backbone: str) -> pa.Schema:
+    """Arrow schema of `embed` rows: embedding a list of `dim` float32; the backbone is in the metadata."""
+    pa = pyarrow()
+    return pa.schema([
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("face", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("box", pa.list_(pa.field("element", pa.int32()), 4)),
+        pa.field("embedding", pa.list_(pa.field("element", pa.float32()), dim)),
+        pa.field("error", pa.string()),
+    ], metadata={"facerace.rows": "embed", "facerace.version": __version__, "facerace.backbone": backbone})
+
+
+def row_schema(kind: str, predictor: Predictor) -> pa.Schema:
+    """The schema of `kind` ("predict" or "embed") rows of `predictor` ("embed" loads its backbone for its size)."""
+    if kind == "predict":
+        return predict_schema(predictor.classes)
+    backbone = predictor.get_backbone()
+    return embed_schema(backbone.dim, f"{backbone.name} ({backbone.version})")
+
+
+def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """An Arrow table of rows (missing keys become nulls, extra keys are dropped)."""
+    pa = pyarrow()
+    names = schema.names
+    return pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows], schema=schema)
+
+
+def filesystem(uri: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow file system and path of a local path or an s3:// / gs:// URI."""
+    pyarrow()
+    from pyarrow import fs
+
+    text = str(uri)
+    if "://" in text:
+        try:
+            return fs.FileSystem.from_uri(text)
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with the reason
+            raise InvalidParameterError(f"{text}: cannot open this location ({exc})") from None
+    return fs.LocalFileSystem(), str(Path(text).resolve())
+
+
+def check_new_folder(uri: str | Path) -> None:
+    """Refuse an output that is a file or a folder already holding files (two runs' rows would mix)."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    info = filesys.get_file_info(path)
+    if info.type == fs.FileType.File:
+        raise InvalidParameterError(f"{uri} is a file; Parquet output is a folder of files: give a new folder")
+    if info.type == fs.FileType.Directory and filesys.get_file_info(fs.FileSelector(path, recursive=False)):
+        raise InvalidParameterError(f"{uri} already holds files; write to a new folder (or delete it) so the rows "
+                                    f"of two runs do not mix")
+
+
+class ParquetRowWriter:
+    """Writes rows to FOLDER/part-00000.parquet as they come (buffered in row groups); `close()` finishes the file."""
+
+    def __init__(self, folder: str | Path, schema: pa.Schema) -> None:
+        import pyarrow.parquet as pq
+
+        check_new_folder(folder)
+        filesys, path = filesystem(folder)
+        filesys.create_dir(path, recursive=True)
+        self.schema, self.count = schema, 0
+        self._rows: list[dict[str, Any]] = []
+        self._writer = pq.ParquetWriter(f"{path}/part-00000.parquet", schema, filesystem=filesys)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        self.count += 1
+        if len(self._rows) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(to_table(self._rows, self.schema))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def read_rows(folder: str | Path, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the rows of a Parquet output folder (local or s3:// / gs://) as dicts, batch by batch."""
+    import pyarrow.dataset as ds
+
+    filesys, path = filesystem(folder)
+    dataset = ds.dataset(path, format="parquet", filesystem=filesys)
+    for batch in dataset.to_batches(columns=list(columns) if columns else None):
+        yield from batch.to_pylist()
