@@ -22,14 +22,17 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def rss_mb(pid: int) -> float:
+    """VmRSS of one process in MB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def tree_rss_mb(root: int) -> float:
     """Sum of VmRSS over the tree, in MB."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
+    return sum(rss_mb(pid) for pid in tree_pids(root))
