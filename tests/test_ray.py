@@ -63,9 +63,9 @@ def rows(folder: Path) -> list[dict]:
 def test_local_parquet_has_the_schema_and_the_jsonl_rows(inputs, tmp_path):
     import json
 
-    out = tmp_path / "local"
-    assert cli("predict", *inputs, "--format", "parquet", "--output", out, "--workers", "1")[0] == 0
-    table = pq.read_table(out)
+    out = tmp_path / "local.parquet"  # the extension picks the format; the output is a folder
+    assert cli("predict", *inputs, "--output", out, "--workers", "1")[0] == 0
+    table = pq.read_table(out / "part-00000.parquet")
     assert table.schema.equals(predict_schema(Predictor().classes), check_metadata=True)
     target = tmp_path / "rows.jsonl"
     assert cli("predict", *inputs, "--format", "jsonl", "--output", target, "--workers", "1")[0] == 0
