@@ -23,7 +23,7 @@ pq = pytest.importorskip("pyarrow.parquet", reason="needs pyarrow: pip install '
 from facerace.apps.cli import main  # noqa: E402
 from facerace.predictor import Predictor  # noqa: E402
 from facerace.apps.ray_engine import run  # noqa: E402
-from facerace.apps.tables import predict_schema  # noqa: E402
+from facerace.apps.tables import predict_schema, read_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def cli(*args) -> tuple[int, str]:
 
 
 def rows(folder: Path) -> list[dict]:
-    return sorted(pq.read_table(folder).to_pylist(), key=lambda r: (r["path"], r["face"] is not None, r["face"]))
+    return sorted(read_rows(folder), key=lambda r: (r["path"], r["face"] is not None, r["face"]))
 
 
 def test_local_parquet_has_the_schema_and_the_jsonl_rows(inputs, tmp_path):
