@@ -112,6 +112,8 @@ def test_usage_errors_of_the_ray_engine(inputs, tmp_path):
     assert cli("predict", *inputs, "--engine", "ray")[0] == 2
     assert "needs --engine ray" in cli("predict", *inputs, "--ray-address", "auto")[1]
     assert "needs --output" in cli("predict", *inputs, "--format", "parquet")[1]
+    code, err = cli("predict", *inputs, "--engine", "ray", "--ray-address", "127.0.0.1:1", "-o", tmp_path / "y")
+    assert code == 2 and "nothing answers there" in err
 
 
 def _busy_actor() -> int | None:

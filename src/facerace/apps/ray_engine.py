@@ -147,6 +147,8 @@ def connect(address: str | None) -> bool:
     initialised in this process is used as it is.
     """
     ray = _ray()
+    if address not in (None, "auto"):
+        _check_reachable(address)
     if ray.is_initialized():
         return False
     try:
@@ -159,6 +161,20 @@ def connect(address: str | None) -> bool:
             f"--ray-address {address}: cannot join a Ray cluster there ({exc}); start one with `ray start --head`, "
             f"or drop --ray-address to run Ray on this machine") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse at once an address where nothing listens (ray.init would retry it for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise InvalidParameterError(
+            f"--ray-address {address}: nothing answers there ({exc}); give the head node's HOST:PORT (the port of "
+            f"`ray start --head`, 6379 by default) or ray://HOST:10001, or drop --ray-address to run Ray on this "
+            f"machine") from None
 
 
 def _process(items: list[dict[str, Any]], predictor: Predictor, kind: str, output: str, actors: int,
