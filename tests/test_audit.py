@@ -9,7 +9,7 @@ import pytest
 from test_cli import run
 
 import facerace
-from facerace.apps.audit import CSV_COLUMNS, SmallGroupWarning, composition, read_predictions
+from facerace.apps.audit import CSV_COLUMNS, Engine, SmallGroupWarning, composition, read_predictions
 from facerace.errors import InvalidParameterError, NoFaceFoundError
 from facerace.model import CONFIG_FILE, HELDOUT_FILE, ModelConfig, load_config, resolve, save_heldout
 from facerace.quantify import HeldOut
@@ -135,7 +135,7 @@ def test_group_by_a_csv_column(faces, tmp_path, model_with_heldout):
     listing.write_text("file,campaign\n" + "".join(f"imgs/{f.name},{'spring' if i % 2 else 'autumn'}\n"
                                                   for i, f in enumerate(faces)) + "imgs/missing.jpg,spring\n")
     with pytest.warns(SmallGroupWarning):
-        result = facerace.audit([str(listing)], by="campaign", model=model_with_heldout, replicates=50, workers=1)
+        result = facerace.audit([str(listing)], by="campaign", model=model_with_heldout, replicates=50, engine=Engine(workers=1))
     assert [(g.name, g.faces) for g in result.groups] == [("all", 7), ("autumn", 4), ("spring", 3)]
     assert result.groups[2].skipped["error"] == 1
     d = json.loads(json.dumps(result.to_dict()))

@@ -180,3 +180,22 @@ def test_neither_import_facerace_nor_the_local_engine_loads_ray(faces, tmp_path)
             f"assert main(['predict', {str(faces[0])!r}, '--format', 'parquet', '-o', {str(tmp_path / 'o')!r}]) == 0; "
             "assert 'ray' not in sys.modules, 'ray was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_audit_on_ray_gives_the_local_composition(cluster, inputs, tmp_path):
+    import json
+
+    local, remote, again = tmp_path / "a-local", tmp_path / "a-ray", tmp_path / "a-from"
+    assert cli("audit", *inputs, "-o", local, "--replicates", "50", "--workers", "1")[0] == 0
+    code, err = cli("audit", *inputs, "-o", remote, "--replicates", "50", "--engine", "ray")
+    assert code == 0, err
+    assert any((remote / "faces").glob("*.parquet")) and not (remote / "faces.jsonl").exists()
+    a, b = (json.loads((f / "composition.json").read_text()) for f in (local, remote))
+    assert (a["images"], a["faces"], a["skipped"]) == (b["images"], b["faces"], b["skipped"])
+    for x, y in zip(a["rows"], b["rows"]):  # rows come back in another order: estimates agree, not resamples
+        assert (x["group"], x["class"], x["faces"]) == (y["group"], y["class"], y["faces"])
+        assert abs(x["estimate"] - y["estimate"]) < 1e-4 and abs(x["count_share"] - y["count_share"]) < 1e-9
+    # the cluster's Parquet folder is a predictions file for a later audit
+    assert cli("audit", "--from", remote / "faces", "-o", again, "--replicates", "50")[0] == 0
+    c = json.loads((again / "composition.json").read_text())
+    assert [r["estimate"] for r in c["rows"]] == [r["estimate"] for r in b["rows"]]

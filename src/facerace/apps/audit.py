@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,12 @@ def read_predictions(path: str | Path) -> Iterator[dict[str, Any]]:
     read becomes an `error` row, so one bad row never stops an audit.
     """
     path = Path(path)
+    if path.is_dir():  # a Parquet folder, as `predict --format parquet` and the ray engine write
+        from facerace.apps.tables import read_rows
+
+        if not any(path.rglob("*.parquet")):
+            raise InvalidParameterError(f"{path}: a folder of predictions must hold .parquet files")
+        return (_parquet_row(row, f"{path}:row {n}") for n, row in enumerate(read_rows(path), 1))
     suffix = path.suffix.lower()
     if suffix not in PREDICTION_FORMATS:
         raise InvalidParameterError(f"{path}: predictions must be {', '.join(PREDICTION_FORMATS)}, not {suffix!r}")
@@ -402,7 +409,7 @@ def audit(
     detector: str | None = None,
     predictions: str | Path | None = None,
     column: str | None = None,
-    workers: int | None = None,
+    engine: Engine | None = None,
     replicates: int = 1000,
     quiet: bool = False,
 ) -> AuditResult:
@@ -412,8 +419,10 @@ def audit(
     a column of the CSVs (or of the `predictions` file). `predictions`: read the per-face rows
     of an earlier `facerace predict` run (.jsonl, .csv, .parquet; made with model `model`)
     instead of predicting `paths`. `method`: one of METHODS (`adjusted` is `quantify.ADJUSTED`);
-    intervals come from `replicates` bootstrap replicates (seed 0). `quiet`: no progress bar or
-    notes on stderr. Paths in CSVs must stay inside the CSV's folder.
+    intervals come from `replicates` bootstrap replicates (seed 0). `engine`: where the faces are
+    predicted (default: this machine, all cores); with `Engine("ray")` the per-face rows are
+    computed on a Ray cluster, written as Parquet (`faces/` in `out`, else a temporary folder) and
+    the composition is computed here from them. `quiet`: no progress bar or notes on stderr. Paths in CSVs must stay inside the CSV's folder.
     With `out`, writes composition.csv/.json/.png, report.md and (unless `predictions`)
     faces.jsonl there. Groups under SMALL_GROUP faces give a SmallGroupWarning.
     """
@@ -436,10 +445,13 @@ def audit(
     if predictions is not None:
         rows: Iterable[dict[str, Any]] = read_predictions(predictions)
     else:
-        rows = _predicted_rows(strs, model=model, detector=detector, column=column, workers=workers, quiet=quiet)
+        rows = _predicted_rows(strs, model=model, detector=detector, column=column, engine=engine or Engine(),
+                               quiet=quiet)
     folder = new_run_dir(out, "audit") if out is not None else None  # after every check of the inputs
+    if predictions is None and (engine or Engine()).kind == "ray":
+        rows = _ray_rows(rows, folder)
     grouped = ({**r, "group": group(r)} for r in rows)
-    if folder is not None and predictions is None:
+    if folder is not None and predictions is None and (engine or Engine()).kind == "local":
         grouped = _written(grouped, folder / "faces.jsonl")
     result = composition(grouped, model={"name": config.name, "version": config.version, "path": str(model)},
                          model_scheme=config.scheme, heldout=heldout, scheme=scheme, method=method,
@@ -451,18 +463,52 @@ def audit(
     return result
 
 
+@dataclass(frozen=True)
+class Engine:
+    """Where an audit predicts its faces: `kind` "local" (this machine, `workers` processes, default all
+    cores) or "ray" (a Ray cluster at `ray_address`, default a local one; `workers` actors)."""
+
+    kind: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("engine", self.kind, ("local", "ray"))
+        if self.ray_address and self.kind != "ray":
+            raise InvalidParameterError("a Ray address needs the ray engine (--engine ray)")
+
+
 def _predicted_rows(paths: list[str], *, model: str | Path, detector: str | None, column: str | None,
-                    workers: int | None, quiet: bool) -> Iterator[dict[str, Any]]:
+                    engine: Engine, quiet: bool) -> Iterator[dict[str, Any]] | Callable[[Path], Iterator]:
     """Per-face rows of the images in `paths`, predicted in the model's own scheme; bad inputs give error rows.
 
     The model, detector and paths are checked now; the images are predicted as the rows are consumed.
+    With the ray engine, a function of the folder to write the Parquet rows into (see `_ray_rows`).
     """
     from facerace.apps.sources import expand
     from facerace.predictor import Predictor
 
     predictor = Predictor(model, detector=detector).validate()
+    if engine.kind == "ray":
+        from facerace.apps import ray_engine
+
+        def on_ray(folder: Path) -> Iterator[dict[str, Any]]:
+            ray_engine.run("predict", paths, str(folder), predictor, ray_address=engine.ray_address,
+                           workers=engine.workers, column=column, quiet=quiet)
+            return read_predictions(folder)
+
+        return on_ray
     sources = expand(paths, column=column, quiet=quiet)
-    return _rows_of(predictor, sources, workers, quiet)
+    return _rows_of(predictor, sources, engine.workers, quiet)
+
+
+def _ray_rows(run_on_ray: Callable[[Path], Iterator], folder: Path | None) -> Iterator[dict[str, Any]]:
+    """The rows the cluster writes as Parquet into `folder`/faces (a temporary folder without `folder`)."""
+    if folder is not None:
+        yield from run_on_ray(folder / "faces")
+        return
+    with tempfile.TemporaryDirectory(prefix="facerace-audit-") as tmp:
+        yield from run_on_ray(Path(tmp) / "faces")
 
 
 def _rows_of(predictor: Predictor, sources: list[Source], workers: int | None, quiet: bool

@@ -119,10 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
     au.add_argument("--from", dest="predictions", type=Path, metavar="FILE",
                     help="per-face rows of an earlier `facerace predict` run with this --model (.jsonl, .csv, "
-                         ".parquet) instead of PATHs")
+                         ".parquet file or Parquet folder) instead of PATHs")
     au.add_argument("--column", help="CSV column holding paths (default: path or file); they must stay inside "
                                      "the CSV's folder")
     au.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per interval (default 1000)")
+    _engine(au)
     au.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
     sub.add_parser("models", help="list the shipped models")
@@ -519,10 +520,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from facerace.apps.audit import audit
+    from facerace.apps.audit import Engine, audit
 
+    engine = Engine("ray" if _engine_is_ray(args) else "local", args.ray_address, args.workers)
     result = audit(args.paths, out=args.out, by=args.by, scheme=args.scheme, model=args.model, method=args.method,
-                   detector=args.detector, predictions=args.predictions, column=args.column, workers=args.workers,
+                   detector=args.detector, predictions=args.predictions, column=args.column, engine=engine,
                    replicates=args.replicates, quiet=args.quiet)
     everything = result.groups[0]
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in everything.skipped.items())
