@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from facerace.align import Aligner
+from facerace.detect import Detection
 from facerace.backbones import DlibResNetOnnx, create_backbone
 from facerace.images import load_image
 from facerace.training.runs import environment
@@ -66,7 +67,7 @@ def main() -> None:
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
         paths = [args.fairface / r["file"] for r in list(csv.DictReader(f))[: args.n]]
     aligner = Aligner(150, 0.25)  # dlib's standard chip
-    chips = np.stack([aligner.align(load_image(p), [(37, 37, 150, 150)])[1][0] for p in paths])
+    chips = np.stack([aligner.align(load_image(p), [Detection((37, 37, 150, 150), 1.0)])[1][0] for p in paths])
     rows, reference = [], None
     for name, threads, embed in engines():
         out, ms = run_batched(embed, chips)

@@ -3,10 +3,12 @@
     python scripts/build_model.py default --fairface ../shared/datasets/fairface [--utkface ../shared/datasets/utkface]
     python scripts/build_model.py finetuned --fairface ../shared/datasets/fairface [--utkface ...]
 
-`default` (shipped: written into the package): a head on frozen dlib ResNet embeddings
-(minutes). `finetuned` (not shipped: written to runs/models/finetuned, see docs/BENCHMARKS.md
-for why): the last 5 units of dlib's ResNet fine-tuned with the head (PyTorch; about 30 min on
-2 CPU cores, resumable: rerun the same command after an interruption). Training uses FairFace
+`default` (shipped: written into the package): a head on frozen dlib ResNet and SFace embeddings,
+concatenated (issue 10; minutes once the embeddings are cached). `dlib` (not shipped: written to
+runs/models/dlib): the previous default, a head on dlib's embeddings alone. `finetuned` (not
+shipped: written to runs/models/finetuned, see docs/BENCHMARKS.md for why): the last 5 units of
+dlib's ResNet fine-tuned with the head (PyTorch; about 30 min on 2 CPU cores, resumable: rerun the
+same command after an interruption). Training uses FairFace
 only (CC BY 4.0); UTKFace, if given, is used only for the cross-dataset score.
 """
 
@@ -18,6 +20,7 @@ import shutil
 from datetime import date
 from pathlib import Path
 
+from facerace.head import HeadParams
 from facerace.model import SHIPPED, ModelConfig, load_config, shipped_dir
 from facerace.training.config import TrainConfig
 from facerace.training.evaluate import evaluate
@@ -29,7 +32,10 @@ REPRODUCE = ("python scripts/build_model.py {name} --fairface ../shared/datasets
              "--utkface ../shared/datasets/utkface")
 #: Training settings of each model (the rest are TrainConfig's defaults).
 RECIPES = {
-    "default": {},
+    # dlib (mirror averaged) and SFace (its mirror did not pay) fused, 1024 hidden units: chosen on held-out
+    # FairFace train (docs/BENCHMARKS.md, issue 10)
+    "default": {"backbone": "dlib-resnet-v1-onnx+sface", "flip_average": (True, False), "head": HeadParams(hidden=1024)},
+    "dlib": {},
     "finetuned": {"backbone": "dlib-torch", "unfreeze": 5, "views": 8},
 }
 

@@ -44,6 +44,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def chips(faces) -> np.ndarray:
     """28 real aligned chips: each fixture face as is, mirrored, darker and brighter."""
     from facerace.align import Aligner
+    from facerace.detect import Detection
 
     aligner = Aligner(150, 0.25)  # dlib's standard chip
     out = []
@@ -51,7 +52,7 @@ def chips(faces) -> np.ndarray:
         rgb = np.asarray(Image.open(path).convert("RGB"))
         for image in (rgb, rgb[:, ::-1], rgb * 0.6, rgb * 1.3):
             image = np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8))
-            out.append(aligner.align(image, [(37, 37, 150, 150)])[1][0])  # a FairFace crop's face region
+            out.append(aligner.align(image, [Detection((37, 37, 150, 150), 1.0)])[1][0])  # a FairFace crop's face region
     return np.stack(out)
 
 

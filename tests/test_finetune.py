@@ -188,10 +188,12 @@ def test_vggface_fine_tunes_from_a_keras_file_and_predicts(tiny_fairface, tmp_pa
     assert main(["embed", str(FIXTURES / "354.jpg"), "--backbone", "vggface", "--backbone-weights", str(weights),
                  "--output", str(npz)]) == 0
     assert np.load(npz)["embeddings"].shape == (1, 16)
-    # the default model's head cannot classify VGG-Face embeddings; dlib's C++ engine computes its own
+    # the default model's head cannot classify VGG-Face embeddings; dlib's C++ engine (fused with SFace as in the
+    # default model) computes its own
     with pytest.raises(InvalidParameterError, match="does not compute"):
         Predictor("default", backbone="vggface", backbone_weights=weights).predict_proba(np.zeros((1, 16)))
-    assert Predictor("default", backbone="dlib-resnet-v1").predict_proba(np.zeros((1, 128))).shape == (1, 7)
+    same = Predictor("default", backbone="dlib-resnet-v1+sface")
+    assert same.pipeline.flips == (True, False) and same.predict_proba(np.zeros((1, 256))).shape == (1, 7)
 
     # and the fine-tuned VGG-Face model exports to one ONNX file with the Predictor's probabilities
     ort = pytest.importorskip("onnxruntime")
@@ -204,15 +206,23 @@ def test_vggface_fine_tunes_from_a_keras_file_and_predicts(tiny_fairface, tmp_pa
     assert np.abs(session.run(None, {"chips": chips})[0] - expected).max() < 1e-4
 
 
-def test_export_gives_the_predictors_probabilities(tmp_path, chips):
+def test_export_gives_the_predictors_probabilities(tmp_path, faces):
+    from PIL import Image
+
+    from facerace.export import input_names
+
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "default.onnx"
     assert main(["export", "--model", "default", "--output", str(path)]) == 0
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    exported = session.run(None, {"chips": chips[:8]})[0]
     predictor = Predictor("default")
-    expected = predictor.predict_proba(predictor.embed(chips[:8]))
-    assert exported.shape == (8, 7) and np.abs(exported - expected).max() < 1e-4
+    found = [predictor.pipeline.faces(np.asarray(Image.open(f).convert("RGB"))).chips for f in faces]
+    chips = [np.concatenate(parts) for parts in zip(*found)] if predictor.pipeline.fused \
+        else [np.concatenate(found)]
+    names = input_names(predictor.config.backbone)
+    exported = session.run(None, dict(zip(names, chips)))[0]
+    expected = predictor.predict_proba(predictor.embed(tuple(chips) if predictor.pipeline.fused else chips[0]))
+    assert exported.shape == (len(faces), 7) and np.abs(exported - expected).max() < 1e-4
 
 
 def test_dlib_torch_backbone_embeds_as_the_onnx_one(chips):

@@ -20,10 +20,12 @@ from facerace.errors import MissingDependencyError, check_choice
 
 @dataclass(frozen=True)
 class Detection:
-    """One detected face: box [x, y, w, h] in pixels and the detector's score (1.0 if it has none)."""
+    """One detected face: box [x, y, w, h] in pixels, the detector's score (1.0 if it has none) and,
+    where the detector finds them (YuNet), 5 landmarks (eyes, nose tip, mouth corners) as 10 floats x0, y0, ..."""
 
     box: tuple[int, int, int, int]
     score: float
+    landmarks: tuple[float, ...] | None = None
 
 
 class Detector(Protocol):
@@ -78,8 +80,9 @@ class SearchingDetector:
     name = ""
     max_side = MAX_SIDE
 
-    def search(self, rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
-        """Raw (x, y, w, h, score) candidates in `rgb`'s pixels."""
+    def search(self, rgb: np.ndarray) -> list[tuple]:
+        """Raw (x, y, w, h, score) candidates in `rgb`'s pixels, and a 6th item, 5 landmarks (10 floats), where the
+        detector finds them."""
         raise NotImplementedError
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
@@ -88,13 +91,14 @@ class SearchingDetector:
         gray = small.mean(axis=2) if small.ndim == 3 else small
         height, width = rgb.shape[:2]
         found = []
-        for x, y, w, h, score in self.search(small):
+        for x, y, w, h, score, *points in self.search(small):
             box = clip_box(x, y, w, h, small.shape[1], small.shape[0])
             if box is None or _plain(gray, box) or not math.isfinite(score):
                 continue
             full = box if scale == 1.0 else clip_box(x / scale, y / scale, w / scale, h / scale, width, height)
             if full is not None:
-                found.append(Detection(full, float(score)))
+                landmarks = tuple(float(v) / scale for v in points[0]) if points else None
+                found.append(Detection(full, float(score), landmarks))
         return sorted(found, key=lambda d: -d.box[2] * d.box[3])
 
 
@@ -120,11 +124,11 @@ class YuNetDetector(SearchingDetector):
         self._net = cv2.FaceDetectorYN.create(str(model), "", (320, 320), self.score_threshold, 0.3, 5000)
         return self._net
 
-    def search(self, rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+    def search(self, rgb: np.ndarray) -> list[tuple]:
         net = self._net or self._load()
         net.setInputSize((rgb.shape[1], rgb.shape[0]))
         _, faces = net.detect(np.ascontiguousarray(rgb[:, :, ::-1]))
-        return [] if faces is None else [(*map(float, f[:4]), float(f[14])) for f in faces]
+        return [] if faces is None else [(*map(float, f[:4]), float(f[14]), tuple(map(float, f[4:14]))) for f in faces]
 
 
 class HogDetector(SearchingDetector):

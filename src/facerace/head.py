@@ -190,7 +190,7 @@ class RaceHead:
         head.mean_, head.scale_ = tensors.pop("mean"), tensors.pop("scale")
         head.temperature_ = float(tensors.pop("temperature")[0])
         head.weights_ = tensors
-        head.hidden = tensors["w0"].shape[1] if "w1" in tensors else 0
+        head.params = replace(head.params, hidden=tensors["w0"].shape[1] if "w1" in tensors else 0)  # the file's layout
         if tensors[f"w{len(tensors) // 2 - 1}"].shape[1] != len(head.classes):
             raise InvalidParameterError(f"{path}: weights have a different number of classes than {classes}")
         return head

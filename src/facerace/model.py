@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from facerace.backbones import BACKBONES, InputSpec
+from facerace.backbones import BACKBONES, FUSE, InputSpec, chip_spec, split_backbones
 from facerace.detect import DETECTORS
 from facerace.errors import ModelIntegrityError, ModelNotFoundError
 from facerace.faces import MAX_FACES, MIN_FACE, FacePipeline
@@ -36,7 +36,10 @@ HELDOUT_FILE = "heldout.safetensors"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model's pipeline and read its weights."""
+    """Everything needed to rebuild a model's pipeline and read its weights.
+
+    A model on fused networks (`backbone` "a+b") holds a list of chip sizes, paddings and flip settings, one per network.
+    """
 
     name: str
     version: str
@@ -45,11 +48,11 @@ class ModelConfig:
     backbone: str
     backbone_version: str
     detector: str
-    chip_size: int
-    chip_padding: float
+    chip_size: int | list[int]
+    chip_padding: float | list[float]
     threshold: float
     threshold_rule: str
-    flip_average: bool = False
+    flip_average: bool | list[bool] = False
     weights: str = WEIGHTS_FILE
     sha256: str = ""
     backbone_weights: str = ""
@@ -88,6 +91,9 @@ class ModelConfig:
 def _json_types(annotation: str) -> tuple[type, ...] | None:
     """The JSON value types a ModelConfig field annotation allows (None: not checked)."""
     plain = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+    if " | " in annotation:  # a fused model's per-network lists: "int | list[int]"
+        parts = [_json_types(a) for a in annotation.split(" | ")]
+        return None if None in parts else tuple(t for p in parts for t in p)
     if annotation in plain:
         return plain[annotation]
     return (list,) if annotation.startswith(("tuple", "list")) else (dict,) if annotation.startswith("dict") else None
@@ -109,18 +115,29 @@ def _config_problems(d: Any) -> list[str]:
     if isinstance(d.get("classes"), list) and (not d["classes"] or not all(isinstance(c, str) for c in d["classes"])):
         problems.append("'classes' must be a non-empty list of class names")
     bounds = {"threshold": (0.0, 1.0), "chip_size": (16, 1024), "chip_padding": (0.0, 2.0)}
-    numbers = [(name, d.get(name), limits) for name, limits in bounds.items()]
+    numbers = [(name, d.get(name), limits) for name, limits in bounds.items() if not isinstance(d.get(name), list)]
+    numbers += [(f"{name}[{i}]", v, limits) for name, limits in bounds.items() if isinstance(d.get(name), list)
+                for i, v in enumerate(d[name])]
     if isinstance(d.get("thresholds"), dict):
         numbers += [(f"thresholds[{k!r}]", v, (0.0, 1.0)) for k, v in d["thresholds"].items()]
     for name, value, (low, high) in numbers:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if name.startswith("thresholds"):  # the fields' own types are checked above
+            if "[" in name:  # the fields' own types are checked above
                 problems.append(f"{name} is not a number")
         elif not low <= value <= high:  # NaN too
             problems.append(f"{name} {value!r} is outside [{low}, {high}]")
     for name, known_names in (("scheme", SCHEMES), ("backbone", BACKBONES), ("detector", DETECTORS)):
-        if isinstance(d.get(name), str) and d[name] not in known_names:
-            problems.append(f"unknown {name} {d[name]!r} (this facerace knows {', '.join(known_names)})")
+        values = d[name].split(FUSE) if name == "backbone" and isinstance(d.get(name), str) else [d.get(name)]
+        for value in values:
+            if isinstance(value, str) and value not in known_names:
+                problems.append(f"unknown {name} {value!r} (this facerace knows {', '.join(known_names)})")
+    parts = len(d["backbone"].split(FUSE)) if isinstance(d.get("backbone"), str) else 1
+    for name in ("chip_size", "chip_padding", "flip_average"):
+        value = d.get(name)
+        if (parts > 1) != isinstance(value, list) or (isinstance(value, list) and len(value) != parts):
+            if name in d:
+                problems.append(f"{name!r} must be one value per network of backbone {d['backbone']!r} ({parts})"
+                                if parts > 1 else f"{name!r} must be a single value")
     for name in ("weights", "tuned", "training_files"):
         value = d.get(name)
         if isinstance(value, str) and value and (Path(value).name != value or value in (".", "..")):
@@ -236,13 +253,23 @@ def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | No
     """The face pipeline of `model` (its detector, chips, network with fine-tuned layers, flip averaging), with
     another `detector`, or another `backbone` (weights file `backbone_weights`, its own chips) instead."""
     if backbone is not None:
+        flips = config.flip_average  # kept per network when the other backbone has as many; else any
+        flip = flips if isinstance(flips, bool) else tuple(flips) if len(split_backbones(backbone)) == len(flips) \
+            else any(flips)
         return FacePipeline(detector or config.detector, backbone, str(backbone_weights) if backbone_weights else None,
-                            flip_average=config.flip_average, min_face=min_face, upsample=upsample,
-                            max_faces=max_faces)
+                            flip_average=flip, min_face=min_face, upsample=upsample, max_faces=max_faces)
     tuned = tuned_file(model, config)
+    names = split_backbones(config.backbone)
+    if len(names) == 1:
+        flip: bool | tuple[bool, ...] = bool(config.flip_average)
+        chips: InputSpec | tuple[InputSpec, ...] = InputSpec(config.chip_size, config.chip_padding,
+                                                             chip_spec(config.backbone).alignment)
+    else:
+        flip = tuple(config.flip_average) if isinstance(config.flip_average, list) else config.flip_average
+        chips = tuple(InputSpec(size, padding, chip_spec(name).alignment)
+                      for name, size, padding in zip(names, config.chip_size, config.chip_padding))
     return FacePipeline(detector or config.detector, config.backbone, config.backbone_weights or None,
-                        str(tuned) if tuned else None, config.flip_average, min_face, upsample,
-                        InputSpec(config.chip_size, config.chip_padding), max_faces)
+                        str(tuned) if tuned else None, flip, min_face, upsample, chips, max_faces)
 
 
 def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str, np.ndarray] | None = None,

@@ -196,7 +196,7 @@ class Predictor:
         t2 = time.perf_counter()
         found = self.pipeline.faces(rgb, detections)
         t3 = time.perf_counter()
-        probs = self.predict_proba(self.embed(found.chips)) if len(found.chips) else np.zeros((0, 0))
+        probs = self.predict_proba(self.embed(found.chips)) if found.large else np.zeros((0, 0))
         t4 = time.perf_counter()
         classes, threshold = self.classes, self.effective_threshold
         results, k = [], 0

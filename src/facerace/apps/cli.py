@@ -33,6 +33,27 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _backbone(value: str) -> str:
+    """A registered network, or several joined by "+" (fused)."""
+    from facerace.backbones import split_backbones
+
+    try:
+        split_backbones(value)
+    except InvalidParameterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _flips(value: str) -> bool | tuple[bool, ...]:
+    """"on" or "off" for every network; "on,off": one mirror-averaging setting per network of a fused backbone."""
+    words = {"on": True, "off": False}
+    flips = [words.get(w.strip().lower()) for w in value.split(",")]
+    if None in flips:
+        raise argparse.ArgumentTypeError(f"expected on or off, or one per network comma-separated (e.g. on,off), "
+                                         f"got {value!r}")
+    return flips[0] if len(flips) == 1 else tuple(flips)
+
+
 def _parser() -> argparse.ArgumentParser:
     from facerace.apps.output import FORMATS
     from facerace.backbones import BACKBONES
@@ -76,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--output", "-o", required=True, help="the .npz file to write (parquet: a new folder, local or "
                                                           "s3:// / gs://)")
     em.add_argument("--format", choices=("npz", "parquet"), help="npz (default) or parquet (default with --engine ray)")
-    em.add_argument("--backbone", choices=BACKBONES, help="face network (default: the model's)")
+    em.add_argument("--backbone", type=_backbone, help=f"face network: {', '.join(BACKBONES)}, or several joined "
+                                                      "by + (embeddings concatenated) (default: the model's)")
     em.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
     em.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
     em.add_argument("--model", default="default", help="model whose detector and backbone are the defaults")
@@ -215,8 +237,9 @@ def _train_options(p: argparse.ArgumentParser, config: TrainConfig, head: HeadPa
                                                 f"{frozen.patience}; {tuned.patience} with --unfreeze)")
     p.add_argument("--max-epochs", type=int, help=f"default {frozen.max_epochs}; {tuned.max_epochs} with --unfreeze")
     p.add_argument("--detector", choices=DETECTORS, help=f"face detector (default {config.detector})")
-    p.add_argument("--backbone", choices=BACKBONES,
-                   help=f"face network (default {config.backbone}: dlib's ResNet run by ONNX Runtime; "
+    p.add_argument("--backbone", type=_backbone,
+                   help=f"face network: {', '.join(BACKBONES)}, or several joined by + whose embeddings are "
+                        f"concatenated, e.g. dlib-resnet-v1-onnx+sface (default {config.backbone}; "
                         f"to fine-tune: {' or '.join(fine_tunable())})")
     p.add_argument("--backbone-weights", help="the backbone's weights file where it needs one (vggface: vgg_face_weights.h5)")
     p.add_argument("--unfreeze", type=int, metavar="N",
@@ -229,9 +252,12 @@ def _train_options(p: argparse.ArgumentParser, config: TrainConfig, head: HeadPa
     p.add_argument("--threshold-target", type=float, help=f"held-out accuracy that sets the uncertainty threshold "
                                                           f"(default {config.threshold_target})")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder with its settings")
-    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
+    p.add_argument("--flip-average", nargs="?", const=True, type=_flips, metavar="on,off",
                    help="embed each face as the mean of it and its mirror image, in training and prediction "
-                        f"(default {'on' if config.flip_average else 'off'})")
+                        f"(default {'on' if config.flip_average else 'off'}); a fused backbone takes one on/off "
+                        "per network, in its order (e.g. on,off)")
+    p.add_argument("--no-flip-average", dest="flip_average", action="store_false", default=None,
+                   help="no mirror averaging")
     p.add_argument("--path-column", help=f"csv: datasets: the column of image paths (default {config.path_column})")
     p.add_argument("--label-column", help=f"csv: datasets: the column of labels (default {config.label_column})")
 

@@ -14,11 +14,17 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from facerace.backbones.base import Backbone, InputSpec, require_torch, tuned_space
 from facerace.errors import InvalidParameterError, check_choice
 
-__all__ = ["BACKBONES", "Backbone", "BackboneEntry", "InputSpec", "chip_spec", "create_backbone", "create_network", "fine_tunable",
-           "register_backbone", "require_torch", "tuned_space"]
+__all__ = ["BACKBONES", "FUSE", "Backbone", "BackboneEntry", "FusedBackbone", "InputSpec", "chip_spec",
+           "create_backbone", "create_network", "fine_tunable", "register_backbone", "require_torch",
+           "split_backbones", "tuned_space"]
+
+#: Joins the names of fused backbones: "dlib-resnet-v1-onnx+sface" concatenates both networks' embeddings.
+FUSE = "+"
 
 
 def _load(target: str) -> Any:
@@ -61,9 +67,39 @@ register_backbone(BackboneEntry("dlib-resnet-v1-onnx", "facerace.backbones.dlib:
                                 network=_DLIB_NET))
 register_backbone(BackboneEntry("dlib-torch", "facerace.backbones.dlib:DlibDescriptorTorch", needs_torch=True,
                                 network=_DLIB_NET, fine_tuned_by="dlib-resnet-v1-onnx"))
+register_backbone(BackboneEntry("sface", "facerace.backbones.sface:SFace", network="facerace.backbones.sface_torch:load_network"))
 register_backbone(BackboneEntry("vggface", "facerace.backbones.vggface:VGGFaceBackbone", needs_weights=True,
                                 tunable=True, needs_torch=True, network="facerace.backbones.vggface:load_network",
                                 fine_tuned_by="vggface"))
+
+
+def split_backbones(name: str) -> list[str]:
+    """The registered networks a (possibly fused, "a+b") backbone name names, each checked."""
+    names = name.split(FUSE)
+    for part in names:
+        check_choice("backbone", part, tuple(BACKBONES))
+    if len(names) > 1 and len(set(names)) < len(names):
+        raise InvalidParameterError(f"fused backbone {name} names a network twice")
+    return names
+
+
+class FusedBackbone:
+    """Several networks as one: `embed(tuple of chip arrays, one per network)` concatenates their embeddings.
+
+    Each network takes its own chips (`input_specs`), so `facerace.faces.FacePipeline` cuts them.
+    """
+
+    def __init__(self, parts: tuple[Backbone, ...]) -> None:
+        self.parts = parts
+        self.name = FUSE.join(p.name for p in parts)
+        self.space = FUSE.join(p.space for p in parts)
+        self.version = " + ".join(p.version for p in parts)
+        self.dim = sum(p.dim for p in parts)
+        self.input_specs = tuple(p.input_spec for p in parts)
+        self.input_spec = parts[0].input_spec
+
+    def embed(self, chips: tuple[np.ndarray, ...]) -> np.ndarray:
+        return np.concatenate([p.embed(c) for p, c in zip(self.parts, chips)], axis=1)
 
 
 def _entry(name: str, weights: str | Path | None, tuned: str | Path | None) -> BackboneEntry:
@@ -84,7 +120,11 @@ def _entry(name: str, weights: str | Path | None, tuned: str | Path | None) -> B
 def create_backbone(name: str = "dlib-resnet-v1-onnx", weights: str | Path | None = None,
                     tuned: str | Path | None = None) -> Backbone:
     """Build the backbone called `name`: its base weights from file `weights` where it needs one,
-    and the fine-tuned layers of file `tuned` swapped in."""
+    and the fine-tuned layers of file `tuned` swapped in. A fused name ("a+b") gives a FusedBackbone."""
+    if FUSE in name:
+        if weights or tuned:
+            raise InvalidParameterError(f"fused backbone {name} takes no weights file or fine-tuned layers")
+        return FusedBackbone(tuple(create_backbone(part) for part in split_backbones(name)))
     entry = _entry(name, weights, tuned)
     if tuned and not entry.tunable:
         raise InvalidParameterError(f"backbone {name} cannot run fine-tuned layers (use one of "
@@ -109,8 +149,8 @@ def create_network(name: str, weights: str | Path | None = None, tuned: str | Pa
 
 
 def chip_spec(name: str) -> InputSpec:
-    """The chips backbone `name` takes (size, padding), without building it."""
-    return _load(BACKBONES[check_choice("backbone", name, tuple(BACKBONES))].cls).input_spec
+    """The chips backbone `name` takes (size, padding, alignment), without building it (a fused one: its first network's)."""
+    return _load(BACKBONES[split_backbones(name)[0]].cls).input_spec
 
 
 def fine_tunable() -> tuple[str, ...]:

@@ -14,10 +14,12 @@ from facerace.files import sha256_file
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What chips a backbone expects: square side in pixels and dlib-style padding."""
+    """What chips a backbone expects: square side in pixels, dlib-style padding, and how they are cut
+    (`alignment`: "dlib", dlib's 5-point chip; "sface", OpenCV's alignCrop on YuNet landmarks; see facerace.align)."""
 
     chip_size: int
     padding: float
+    alignment: str = "dlib"
 
 
 class Backbone(Protocol):

@@ -17,7 +17,8 @@ from facerace.head import HeadParams
 class TrainConfig:
     """What to train on and how; `head` holds the head's hyper-parameters.
 
-    `unfreeze=N` fine-tunes the network's last N units with the head on `views` views per
+    `backbone` may fuse networks ("a+b": their embeddings concatenated); `flip_average` is then one
+    setting for all or a tuple of one per network. `unfreeze=N` fine-tunes the network's last N units with the head on `views` views per
     image (0: frozen network, a head on cached embeddings). A stratified `val_fraction` of the
     data (seed `seed`) is held out for early stopping, calibration and the uncertainty
     threshold (the lowest confidence above which held-out faces are right `threshold_target`
@@ -33,7 +34,7 @@ class TrainConfig:
     detector: str = "yunet"
     backbone: str = "dlib-resnet-v1-onnx"
     backbone_weights: str | None = None
-    flip_average: bool = True
+    flip_average: bool | tuple[bool, ...] = True
     unfreeze: int = 0
     views: int = 4
     backbone_learning_rate: float = 3e-5
@@ -53,7 +54,9 @@ class TrainConfig:
             raise InvalidParameterError(f"unknown training setting(s) {sorted(unknown)}; known: "
                                         f"{', '.join(f.name for f in fields(cls))} and head "
                                         f"{', '.join(f.name for f in fields(HeadParams))}")
-        return cls(**{**d, "data": tuple(d.get("data", ())), "head": HeadParams(**(d.get("head") or {}))})
+        flip = d.get("flip_average", cls.flip_average)
+        return cls(**{**d, "data": tuple(d.get("data", ())), "head": HeadParams(**(d.get("head") or {})),
+                      "flip_average": tuple(flip) if isinstance(flip, list) else flip})
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> TrainConfig:

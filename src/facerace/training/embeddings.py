@@ -41,8 +41,8 @@ class CropEmbedder:
             rgb = load_image(path)
         except ImageError as exc:
             return None, False, exc.reason
-        chip, detected = self.pipeline.main_face_chip(rgb, self.face_padding)
-        return self.pipeline.embed(chip[None])[0], detected, None
+        chips, detected = self.pipeline.main_face(rgb, self.face_padding)
+        return self.pipeline.embed(chips)[0], detected, None
 
 
 def file_digests(paths: Sequence[str | Path], *, progress: bool = True) -> tuple[list[str | None], dict[int, str]]:
@@ -83,37 +83,56 @@ def embed_files(
 ) -> Embedded:
     """Embeddings for `paths`, reading cached ones and computing (and caching) the rest.
 
-    Results are committed to the cache every `batch` images (default 16 per worker), so an
-    interrupted run loses at most one batch.
+    A fused pipeline caches each network's embedding under that network's own key, so a
+    network's cached embeddings serve every pipeline that uses it (alone or fused), and only
+    the missing networks run. Results are committed to the cache every `batch` images (default
+    16 per worker), so an interrupted run loses at most one batch.
     """
+    pipeline, padding = embedder.pipeline, embedder.face_padding
+    members = pipeline.members
+    keys = [m.cache_key(fallback=padding) for m in members]
+    dims = [m.make_backbone().dim for m in members]
     cache = EmbeddingCache(cache_dir)
-    key = embedder.cache_key
-    dim = embedder.pipeline.make_backbone().dim
     digests, unreadable = file_digests(paths, progress=progress)
-    found = cache.get_many(key, sorted({d for d in digests if d}), dim)
-    todo = sorted({d: i for i, d in enumerate(digests) if d and d not in found}.values())
+    unique = sorted({d for d in digests if d})
+    found = [cache.get_many(key, unique, dim) for key, dim in zip(keys, dims)]
+    first = {d: i for i, d in reversed(list(enumerate(digests))) if d}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for d, i in sorted(first.items(), key=lambda kv: kv[1]):
+        missing = tuple(j for j in range(len(members)) if d not in found[j])
+        if missing:
+            groups.setdefault(missing, []).append(i)
     failed: dict[str, str] = {}
-    batch = batch or 16 * worker_count(workers, len(todo))
-    outputs = ordered_map(embedder, [str(paths[i]) for i in todo], workers=workers, chunksize=4)
-    with progress_bar(total=len(todo), quiet=not progress or not todo, desc=desc, unit="img") as bar:
+    todo = sum(len(v) for v in groups.values())
+    with progress_bar(total=todo, quiet=not progress or not todo, desc=desc, unit="img") as bar:
         try:
-            done: list[tuple[str, np.ndarray, bool]] = []
-            for n, (i, (vector, detected, error)) in enumerate(zip(todo, outputs), start=1):
-                if error is not None:
-                    failed[digests[i]] = error
-                else:
-                    done.append((digests[i], vector, detected))
-                    found[digests[i]] = (vector, detected)
-                if n % batch == 0 or n == len(todo):
-                    cache.put_many(key, done)
-                    bar.update(n - bar.n)
-                    done = []
+            for missing, todo_group in groups.items():
+                part = CropEmbedder(pipeline.subset(missing), padding)
+                ends = np.cumsum([dims[j] for j in missing])[:-1]
+                size = batch or 16 * worker_count(workers, len(todo_group))
+                outputs = ordered_map(part, [str(paths[i]) for i in todo_group], workers=workers, chunksize=4)
+                try:
+                    done: list[list[tuple[str, np.ndarray, bool]]] = [[] for _ in missing]
+                    last = 0
+                    for n, (i, (vector, detected, error)) in enumerate(zip(todo_group, outputs), start=1):
+                        if error is not None:
+                            failed[digests[i]] = error
+                        else:
+                            for k, (j, piece) in enumerate(zip(missing, np.split(vector, ends))):
+                                done[k].append((digests[i], piece, detected))
+                                found[j][digests[i]] = (piece, detected)
+                        if n % size == 0 or n == len(todo_group):
+                            for k, j in enumerate(missing):
+                                cache.put_many(keys[j], done[k])
+                            bar.update(n - last)
+                            last, done = n, [[] for _ in missing]
+                finally:
+                    outputs.close()
         finally:
-            outputs.close()
             cache.close()
-    ok = np.array([d in found for d in digests], dtype=bool)
+    ok = np.array([d is not None and all(d in f for f in found) for d in digests], dtype=bool)
     errors = {**unreadable, **{i: failed[d] for i, d in enumerate(digests) if d in failed}}
-    vectors = np.array([found[d][0] for d in digests if d in found], np.float32).reshape(-1, dim)
-    detected = np.array([found[d][1] for d in digests if d in found], dtype=bool)
-    return Embedded(vectors, detected, ok, errors, computed=len(todo), digests=digests)
-
+    kept = [d for d, good in zip(digests, ok) if good]
+    vectors = np.array([np.concatenate([f[d][0] for f in found]) for d in kept], np.float32).reshape(-1, sum(dims))
+    detected = np.array([found[0][d][1] for d in kept], dtype=bool)
+    return Embedded(vectors, detected, ok, errors, computed=todo, digests=digests)

@@ -79,8 +79,8 @@ class ViewActivations:
             rgb = load_image(path)
         except ImageError as exc:
             return None, False, exc.reason
-        chip, detected = self.pipeline.main_face_chip(rgb, face_padding)
-        chips = np.stack([view(chip, i, seed) for i in range(self.views)])
+        face, detected = self.pipeline.main_face(rgb, face_padding)
+        chips = np.stack([view(face[0], i, seed) for i in range(self.views)])
         with torch.no_grad():
             return prefix(normalise(torch.from_numpy(chips))).numpy().astype(np.float16), detected, None
 

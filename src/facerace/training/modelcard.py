@@ -76,12 +76,8 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         "",
         *([f"**Caveat:** {config.caveat}", ""] if config.caveat else []),
         "## Model",
-        f"- Pipeline: detector `{config.detector}` -> dlib 5-point alignment ({config.chip_size} px chip, "
-        f"padding {config.chip_padding}) -> "
-        + ("backbone" if config.tuned else "frozen backbone") + f" `{config.backbone}` ({config.backbone_version})"
-        + (f" with its last layers fine-tuned (`{config.tuned}`, SHA-256 in `config.json`)" if config.tuned else "")
-        + (", each face embedded as the mean of it and its mirror image" if config.flip_average else "") + " -> "
-        "a small trained head (standardise, 512 ReLU units with dropout, softmax) with temperature scaling.",
+        f"- Pipeline: detector `{config.detector}` -> {_networks(config)} -> "
+        f"a small trained head (standardise, {_head(model_dir, config)} softmax) with temperature scaling.",
         f"- Classes (`{config.scheme}`): {', '.join(config.classes)}. Coarser schemes (`race6`, `utk5`, `race4`) "
         "are sums of these probabilities through the tables in `facerace/labels.py`.",
         "- Uncertain: a face whose top probability is below its scheme's threshold is returned with "
@@ -137,3 +133,29 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
     path = Path(model_dir) / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _networks(config: ModelConfig) -> str:
+    """The alignment and frozen network(s) of a model, in words (a fused model: each network, concatenated)."""
+    from facerace.backbones import chip_spec, split_backbones
+
+    names = split_backbones(config.backbone)
+    one = len(names) == 1
+    sizes, paddings, flips = ([v] if one else v for v in (config.chip_size, config.chip_padding, config.flip_average))
+    parts = []
+    for name, size, padding, flip in zip(names, sizes, paddings, flips):
+        align = ("SFace alignment (OpenCV's alignCrop warp of YuNet's 5 landmarks, " if chip_spec(name).alignment == "sface"
+                 else "dlib 5-point alignment (") + f"{size} px chip" + (f", padding {padding})" if padding else ")")
+        parts.append(f"{align} -> " + ("backbone" if config.tuned else "frozen backbone") + f" `{name}`"
+                     + (", each face embedded as the mean of it and its mirror image" if flip else ""))
+    text = parts[0] if one else "[" + "] and [".join(parts) + "], their embeddings concatenated"
+    return (text + f" ({config.backbone_version})"
+            + (f" with its last layers fine-tuned (`{config.tuned}`, SHA-256 in `config.json`)" if config.tuned else ""))
+
+
+def _head(model_dir: Path, config: ModelConfig) -> str:
+    """The head's layers in words (read from its weights file)."""
+    from facerace.head import RaceHead
+
+    hidden = RaceHead.load(model_dir / config.weights, config.classes).params.hidden
+    return f"{hidden} ReLU units with dropout," if hidden else "a linear layer,"

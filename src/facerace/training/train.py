@@ -135,6 +135,7 @@ def check_config(config: TrainConfig) -> None:
     if not config.data:
         raise InvalidParameterError("train needs at least one dataset: --data KIND:PATH")
     get_scheme(config.scheme)
+    train_pipeline(config).members  # checks a fused backbone's names and its flip settings
     if config.unfreeze and config.backbone not in fine_tunable():
         raise InvalidParameterError(f"--unfreeze needs a PyTorch backbone ({', '.join(fine_tunable())}), "
                                     f"not {config.backbone}")
@@ -198,11 +199,14 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
 
     predict_backbone = BACKBONES[config.backbone].fine_tuned_by if config.unfreeze else config.backbone
     runner = create_backbone(predict_backbone, config.backbone_weights)
-    chips: InputSpec = runner.input_spec
+    specs: tuple[InputSpec, ...] = getattr(runner, "input_specs", (runner.input_spec,))
+    fused = len(specs) > 1
     model_config = ModelConfig(
         name=run.name, version=run.name, scheme=config.scheme, classes=classes, backbone=predict_backbone,
-        backbone_version=runner.version, detector=config.detector, chip_size=chips.chip_size,
-        chip_padding=chips.padding, threshold=own["threshold"], flip_average=config.flip_average,
+        backbone_version=runner.version, detector=config.detector,
+        chip_size=[s.chip_size for s in specs] if fused else specs[0].chip_size,
+        chip_padding=[s.padding for s in specs] if fused else specs[0].padding, threshold=own["threshold"],
+        flip_average=list(pipeline.flips) if fused else config.flip_average,
         thresholds={s: t["threshold"] for s, t in thresholds.items()}, caveat=training_caveat(report),
         backbone_weights=str(Path(config.backbone_weights).resolve()) if config.backbone_weights else "",
         threshold_rule=f"per scheme, the lowest confidence at which held-out validation faces scored in that "
