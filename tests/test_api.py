@@ -5,7 +5,7 @@ import sys
 import facerace
 from facerace import predictor
 from facerace.apps import cli, ray_engine, sources
-from facerace.apps.audit import audit
+from facerace.apps.audit import Engine, audit
 from facerace.head import HeadParams
 from facerace.training.config import TrainConfig
 from facerace.training.evaluate import evaluate
@@ -28,7 +28,8 @@ def test_cli_flags_are_api_parameters():
     api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
     ray = _params(ray_engine.run)  # --engine ray
     assert _flags("predict") - {"format", "output", "annotate", "paths", "quiet", "engine"} <= api | ray
-    assert _flags("audit") - {"quiet"} <= _params(audit)
+    engine = {"engine", "ray_address", "workers"}  # audit(engine=Engine(kind, ray_address, workers))
+    assert _flags("audit") - {"quiet"} - engine <= _params(audit) and engine - {"engine"} <= _params(Engine)
     assert _flags("embed") - {"output", "quiet", "format", "engine"} <= _params(predictor.Predictor) \
         | _params(sources.expand) | {"paths"} | ray
 
