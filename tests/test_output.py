@@ -265,8 +265,9 @@ def test_rows_name_the_landmarks_and_give_the_detector_score(faces, tmp_path):
     assert code == 0 and tuple(row) == ROW_KEYS and tuple(row["landmarks"]) == LANDMARK_NAMES
     assert 0 < row["detection_score"] <= 1
     marks = row["landmarks"]
-    assert marks["left_eye_outer"][0] < marks["left_eye_inner"][0] < marks["right_eye_inner"][0] \
-        < marks["right_eye_outer"][0]  # left and right as seen in the picture
+    # the person's own left and right: a face looking at the camera has its right eye on the picture's left
+    assert marks["right_eye"][0] < marks["nose"][0] < marks["left_eye"][0]
+    assert marks["mouth_right"][0] < marks["mouth_left"][0] and marks["nose"][1] < marks["mouth_left"][1]
     x, y, w, h = row["box"]
     assert all(x <= px <= x + w and y <= py <= y + h for px, py in marks.values())
     code, _, _ = run("predict", faces[0], "-o", tmp_path / "f.csv", "--workers", "1")

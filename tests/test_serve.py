@@ -60,7 +60,7 @@ def test_analyze_returns_predict_rows(client, faces):
     marks = face["landmarks"]
     assert tuple(marks) == LANDMARK_NAMES
     x, y, w, h = face["box"]
-    assert marks["left_eye_outer"][0] < marks["nose"][0] < marks["right_eye_outer"][0]  # as seen in the picture
+    assert marks["right_eye"][0] < marks["nose"][0] < marks["left_eye"][0]  # the person's right eye: picture's left
     assert all(x <= px <= x + w and y <= py <= y + h for px, py in marks.values())
 
 

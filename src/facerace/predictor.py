@@ -24,7 +24,7 @@ from facerace.images import MAX_PIXELS, ImageInput, describe, load_image
 from facerace.labels import convert_probabilities, get_scheme
 from facerace.model import ModelConfig, load_config, load_model, model_pipeline
 from facerace.parallel import ordered_map
-from facerace.results import FaceResult, ImageResult
+from facerace.results import FaceResult, ImageResult, named_landmarks
 
 
 class Predictor:
@@ -203,7 +203,7 @@ class Predictor:
         for d in found.found:
             if k < len(found.large) and d is found.large[k]:
                 results.append(FaceResult.from_probabilities(d.box, probs[k], classes, threshold,
-                                                             landmarks=found.landmarks[k], detection_score=d.score))
+                                                             landmarks=named_landmarks(d.landmarks), detection_score=d.score))
                 k += 1
             else:
                 status = "too_many" if any(d is e for e in found.too_many) else "too_small"

@@ -10,15 +10,24 @@ from typing import Any, Sequence
 ROW_KEYS = ("path", "face", "status", "box", "label", "confidence", "uncertain", "probabilities",
             "landmarks", "detection_score")
 
-#: The 5 landmarks of dlib's 5-point model, in its order: the corners of the eye on the picture's
-#: right (the person's left eye), then of the eye on the picture's left, then the bottom of the nose.
-#: Left and right are as seen in the picture.
-LANDMARK_NAMES = ("right_eye_outer", "right_eye_inner", "left_eye_outer", "left_eye_inner", "nose")
+#: The 5 landmarks the detector finds (YuNet): eye centres, nose tip, mouth corners. Left and right are the
+#: person's own, as in OpenCV and dlib: on a face looking at the camera, right_eye is on the picture's left.
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+#: Where each name is in a YuNet detection's 5 points (its order: right eye, left eye, nose tip,
+#: right mouth corner, left mouth corner).
+_YUNET_ORDER = (1, 0, 2, 4, 3)
+
+
+def named_landmarks(points: Sequence[float] | None) -> tuple[tuple[float, float], ...]:
+    """A detection's 5 landmarks (10 floats x0, y0, ... in YuNet's order) in LANDMARK_NAMES order; () without any."""
+    if not points:
+        return ()
+    return tuple((round(float(points[2 * i]), 1), round(float(points[2 * i + 1]), 1)) for i in _YUNET_ORDER)
 
 
 @dataclass(frozen=True)
 class FaceResult:
-    """One face: box [x, y, w, h] and 5 landmarks (LANDMARK_NAMES) in image pixels, the
+    """One face: box [x, y, w, h] and 5 landmarks (LANDMARK_NAMES, where the detector finds them) in image pixels, the
     detector's score, and its classification.
 
     `label` is always the most probable class; `uncertain` is true when `confidence`
