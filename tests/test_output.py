@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fixture_labels
 from PIL import Image
+from test_cli import run
 
 from facerace.apps import cli
 from facerace.apps.output import TABLE_COLUMNS, table_line
 from facerace.results import LANDMARK_NAMES, ROW_KEYS
 from facerace.textout import CsvWriter, csv_cell, display_width, printable, progress_bar
-
-from conftest import fixture_labels
-from test_cli import run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "facerace"
 HOSTILE = ["=HYPERLINK(\"evil.example\",\"y\")", "+1+1", "@SUM(1)", "-2+3", "\tTAB", "\rCR"]

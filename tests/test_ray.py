@@ -21,9 +21,9 @@ ray = pytest.importorskip("ray", reason="needs Ray Data: pip install 'facerace[r
 pq = pytest.importorskip("pyarrow.parquet", reason="needs pyarrow: pip install 'facerace[parquet]'")
 
 from facerace.apps.cli import main  # noqa: E402
-from facerace.predictor import Predictor  # noqa: E402
 from facerace.apps.ray_engine import run  # noqa: E402
 from facerace.apps.tables import predict_schema, read_rows  # noqa: E402
+from facerace.predictor import Predictor  # noqa: E402
 
 
 @pytest.fixture(scope="module")

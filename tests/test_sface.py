@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import cosine
 from PIL import Image
 
 from facerace.align import SFaceAligner
 from facerace.backbones.sface import CHIP_SIZE, SFace, cached_sface_onnx, sface_model_file
 from facerace.detect import Detection, YuNetDetector, known_face_region
-
-from conftest import cosine
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from facerace.errors import MissingDependencyError
+from facerace.errors import MissingDependencyError, ModelIntegrityError
 from facerace.files import sha256_file
 
 
@@ -49,3 +49,20 @@ def require_torch(what: str):
 def tuned_space(space: str, tuned: str | Path | None) -> str:
     """The embedding space of a network with the layers of fine-tuned file `tuned` swapped in."""
     return f"{space}-ft-{sha256_file(Path(tuned))[:16]}" if tuned else space
+
+
+def onnx_session(path: Path, threads: int, backbone: str):
+    """An ONNX Runtime session on the network file `path` (CPU, `threads` threads) for backbone `backbone`;
+    a file ONNX Runtime cannot load is a ModelIntegrityError."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependencyError(f"the {backbone} backbone needs onnxruntime: pip install onnxruntime onnx") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
+        raise ModelIntegrityError(f"{path} is not a usable ONNX network ({type(exc).__name__}); "
+                                  "delete it and facerace rebuilds it") from None

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facerace.backbones.base import InputSpec, require_torch, tuned_space
+from facerace.backbones.base import InputSpec, onnx_session, require_torch, tuned_space
 from facerace.backbones.dlib_format import CHIP_SIZE
-from facerace.errors import MissingDependencyError, ModelIntegrityError
 from facerace.files import dlib_model_file
 
 
@@ -72,22 +71,9 @@ class DlibDescriptorOnnx(DlibDescriptor):
         if len(chips) == 0:
             return np.zeros((0, self.dim), np.float32)
         if self._net is None:
-            try:
-                import onnxruntime as ort
-            except ImportError as exc:
-                raise MissingDependencyError("the dlib-resnet-v1-onnx backbone needs onnxruntime: "
-                                             "pip install onnxruntime onnx") from exc
             from facerace.backbones.dlib_onnx import cached_onnx
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            path = cached_onnx(self.tuned)
-            try:
-                self._net = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
-                raise ModelIntegrityError(f"{path} is not a usable ONNX network ({type(exc).__name__}); "
-                                          "delete it and facerace rebuilds it") from None
+            self._net = onnx_session(cached_onnx(self.tuned), self.threads, self.name)
         return self._net.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
 
 

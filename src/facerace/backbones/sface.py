@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facerace.backbones.base import InputSpec
+from facerace.backbones.base import InputSpec, onnx_session
 from facerace.errors import MissingDependencyError
 from facerace.files import sha256_file
 
@@ -131,13 +131,6 @@ class SFace:
         if len(chips) == 0:
             return np.zeros((0, self.dim), np.float32)
         if self._net is None:
-            try:
-                import onnxruntime as ort
-            except ImportError as exc:
-                raise MissingDependencyError("the sface backbone needs onnxruntime: pip install onnxruntime onnx") from exc
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            self._net = ort.InferenceSession(str(cached_sface_onnx()), options, providers=["CPUExecutionProvider"])
+            self._net = onnx_session(cached_sface_onnx(), self.threads, self.name)
         return self._net.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
 
