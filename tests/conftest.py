@@ -7,6 +7,7 @@ import io
 import os
 import struct
 import zlib
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,19 @@ import pytest
 from PIL import Image, ImageOps
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def run_cli(*args: object) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `facerace ARGS...` run in-process; argparse's usage errors give their code."""
+    from facerace.apps.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
 #: The real datasets (../shared/datasets from the repository root, or $FACERACE_DATASETS).
 DATASETS = Path(os.environ.get("FACERACE_DATASETS", Path(__file__).parents[1] / ".." / "shared" / "datasets"))
 

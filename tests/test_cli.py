@@ -1,25 +1,13 @@
 """`facerace` end to end, in-process, on real faces and on every awkward input."""
 
 import csv
-import io
 import json
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+from conftest import run_cli as run
 
-from facerace.apps.cli import main
 from facerace.results import ROW_KEYS
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse usage errors
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -2,36 +2,24 @@
 symlink loops, non-UTF-8 CSVs, damaged caches, model folders and checkpoints, outputs onto inputs."""
 
 import builtins
-import io
 import json
 import os
 import shutil
 import sqlite3
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import FIXTURES
+from conftest import run_cli as run
 from PIL import Image
 
-from facerace.apps.cli import main
 from facerace.apps.sources import expand
 from facerace.detect import MAX_SIDE, SearchingDetector, clip_box, create_detector
 from facerace.errors import ImageError, ModelIntegrityError, ModelNotFoundError
 from facerace.faces import EMBED_BATCH, FacePipeline
 from facerace.images import load_image
 from facerace.model import load_config, load_model, shipped_dir
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse usage errors
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def rows(out: str) -> list[dict]:

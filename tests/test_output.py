@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import fixture_labels
+from conftest import run_cli as run
 from PIL import Image
-from test_cli import run
 
 from facerace.apps import cli
 from facerace.apps.output import TABLE_COLUMNS, table_line

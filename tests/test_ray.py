@@ -4,14 +4,12 @@ its row."""
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="needs Ray Data: pip install 'facerace[ray]'")
 pq = pytest.importorskip("pyarrow.parquet", reason="needs pyarrow: pip install 'facerace[parquet]'")
 
-from facerace.apps.cli import main  # noqa: E402
+from conftest import run_cli  # noqa: E402
+
 from facerace.apps.ray_engine import run  # noqa: E402
 from facerace.apps.tables import predict_schema, read_rows  # noqa: E402
 from facerace.predictor import Predictor  # noqa: E402
@@ -50,10 +49,8 @@ def inputs(tmp_path_factory, faces, bad_inputs) -> list[str]:
 
 
 def cli(*args) -> tuple[int, str]:
-    err = io.StringIO()
-    with redirect_stdout(io.StringIO()), redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, err.getvalue()
+    code, _, err = run_cli(*args)
+    return code, err
 
 
 def rows(folder: Path) -> list[dict]:
