@@ -79,6 +79,7 @@ def test_ray_predict_gives_the_local_rows(cluster, inputs, tmp_path):
     code, err = cli("predict", *inputs, "--engine", "ray", "--output", remote)
     assert code == 0, err
     assert "images" in err and "faces/s" in err
+    assert len(list(remote.glob("*.parquet"))) == 1  # rows gathered into files of ROWS_PER_FILE, not one per block
     assert pq.read_schema(next(remote.glob("*.parquet"))).equals(pq.read_schema(local / "part-00000.parquet"),
                                                                  check_metadata=True)
     a, b = rows(local), rows(remote)

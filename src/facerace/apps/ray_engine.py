@@ -11,12 +11,18 @@ writes their Arrow tables to Parquet with backpressure. Failure handling:
 - actors reserve ACTOR_CPUS (< 1) and the Parquet writers TASK_CPUS, so on a small cluster the
   writers can always be scheduled next to one actor per core (whole-CPU actors deadlock silently).
 
+Rows are gathered into Parquet files of about ROWS_PER_FILE rows: Ray keeps at most one idle
+worker process per CPU, so next to one actor per core each write task tends to start a new
+process (Python, Ray, Ray Data: about 2 s of CPU); one write per 64-image block took half of the
+CPU of 2 one-core workers (docs/BENCHMARKS.md, "Scaling out").
+
 `import ray` happens here only: neither `import facerace` nor the local engine loads Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -44,9 +50,10 @@ TASK_CPUS = 0.25
 #: Bounded fault tolerance: restarts per actor, retries per batch on a restarted actor.
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 2
-#: Images per Ray block (one actor task) and per call of the actor.
+#: Images per Ray block (one actor task) and per call of the actor; rows per Parquet file (at least, but the last).
 BLOCK_IMAGES = 64
 BATCH_IMAGES = 8
+ROWS_PER_FILE = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,22 +147,26 @@ class RowsActor:
             return f.read()
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, *, quiet: bool = False) -> bool:
     """Join the cluster at `address` (auto, HOST:PORT, ray://...), or start Ray on this machine's cores.
 
     Returns whether this call started Ray (then the caller shuts it down). A Ray already
-    initialised in this process is used as it is.
+    initialised in this process is used as it is. Ray's usage statistics are off unless the
+    environment turns them on (RAY_USAGE_STATS_ENABLED=1): facerace runs offline, and their
+    collector is one more process per job. `quiet`: Ray's own messages at start-up are limited to errors.
     """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _ray()
     if address not in (None, "auto"):
         _check_reachable(address)
     if ray.is_initialized():
         return False
+    level = "error" if quiet else "warning"
     try:
         if address is None:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="warning")
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=level)
         else:
-            ray.init(address=address, logging_level="warning")
+            ray.init(address=address, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InvalidParameterError(
             f"--ray-address {address}: cannot join a Ray cluster there ({exc}); start one with `ray start --head`, "
@@ -190,7 +201,8 @@ def _process(items: list[dict[str, Any]], predictor: Predictor, kind: str, outpu
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=ACTOR_CPUS,
                             max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-    ds.write_parquet(path, filesystem=filesys, ray_remote_args={"num_cpus": TASK_CPUS})
+    ds.write_parquet(path, filesystem=filesys, min_rows_per_file=ROWS_PER_FILE,
+                     ray_remote_args={"num_cpus": TASK_CPUS})
 
 
 def _written(output: str, columns: list[str]) -> pa.Table | None:
@@ -239,11 +251,14 @@ def run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, *, 
         raise InvalidParameterError(f"no images in {', '.join(inputs)}")
     ray = _ray()
     start = time.perf_counter()
-    started = connect(ray_address)
+    started = connect(ray_address, quiet=quiet)
     startup = time.perf_counter() - start
     context = ray.data.DataContext.get_current()
-    saved = context.max_errored_blocks, context.enable_progress_bars
+    log = logging.getLogger("ray.data")  # --quiet: only errors (no progress, plan or "finished" lines)
+    saved = context.max_errored_blocks, context.enable_progress_bars, log.level
     context.enable_progress_bars = not quiet
+    if quiet:
+        log.setLevel(logging.ERROR)
     try:
         actors = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         # a batch that keeps killing its worker is dropped, not fatal: its images are retried alone below
@@ -265,7 +280,8 @@ def run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, *, 
                            filesystem=filesys)
         seconds = time.perf_counter() - start
     finally:
-        context.max_errored_blocks, context.enable_progress_bars = saved
+        context.max_errored_blocks, context.enable_progress_bars, level = saved
+        log.setLevel(level)
         if started:
             ray.shutdown()
     table = _written(output, ["face", "status"])
