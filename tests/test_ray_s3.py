@@ -84,3 +84,23 @@ def test_predict_from_s3_to_s3_gives_the_local_rows(s3, faces, bad_inputs, tmp_p
 def test_an_empty_or_missing_s3_prefix_is_a_usage_error(s3, tmp_path):
     code, _, err = run_cli("predict", "s3://photos/nothing-here/", "--engine", "ray", "-o", str(tmp_path / "o"))
     assert code == 2 and "no image files" in err
+
+
+def test_a_bucket_that_does_not_exist_is_a_usage_error(s3, faces, tmp_path):
+    for args in (("s3://no-such-bucket/photos/", "--engine", "ray", "-o", tmp_path / "o"),
+                 (faces[0], "--format", "parquet", "-o", "s3://no-such-bucket/out"),
+                 (faces[0], "--engine", "ray", "-o", "s3://no-such-bucket/out")):
+        code, _, err = run_cli("predict", *args)
+        assert code == 2 and "no-such-bucket" in err and "Traceback" not in err, err
+
+
+def test_gcs_calls_give_up_within_the_retry_limit():
+    """google-cloud-cpp retries for 15 minutes by default: without credentials gs:// would look like a hang."""
+    from datetime import timedelta
+
+    from facerace.apps.tables import GCS_RETRY_SECONDS, filesystem
+
+    options = filesystem("gs://bucket/photos")[0].__reduce__()[1][0]  # pyarrow's own pickled options
+    assert options["retry_time_limit"] == timedelta(seconds=GCS_RETRY_SECONDS) <= timedelta(minutes=1)
+    explicit = filesystem("gs://bucket/photos?retry_limit_seconds=300")[0].__reduce__()[1][0]
+    assert explicit["retry_time_limit"] == timedelta(seconds=300)

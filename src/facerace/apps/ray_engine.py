@@ -31,7 +31,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 from facerace.apps.sources import Source, expand
-from facerace.apps.tables import check_new_folder, filesystem, pyarrow, row_schema, to_table
+from facerace.apps.tables import filesystem, new_output_folder, pyarrow, row_schema, to_table
 from facerace.errors import InvalidParameterError, MissingDependencyError, check_choice
 from facerace.images import IMAGE_SUFFIXES
 from facerace.predictor import Predictor
@@ -96,11 +96,14 @@ def list_images(inputs: Sequence[str], *, column: str | None = None, root: str |
             continue
         filesys, path = filesystem(arg)
         scheme = arg.split("://", 1)[0]
-        info = filesys.get_file_info(path)
-        if info.type == fs.FileType.File:
-            out.append(Source(arg))
-            continue
-        infos = filesys.get_file_info(fs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+        try:
+            info = filesys.get_file_info(path)
+            if info.type == fs.FileType.File:
+                out.append(Source(arg))
+                continue
+            infos = filesys.get_file_info(fs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+        except OSError as exc:  # no network, no credentials, no such bucket: pyarrow's message says which
+            raise InvalidParameterError(f"{arg}: cannot list this location ({exc})") from None
         found = sorted(f"{scheme}://{i.path}" for i in infos
                        if i.type == fs.FileType.File and os.path.splitext(i.path)[1].lower() in IMAGE_SUFFIXES)
         if not found:
@@ -213,7 +216,8 @@ def _written(output: str, columns: list[str]) -> pa.Table | None:
     filesys, path = filesystem(output)
     if filesys.get_file_info(path).type != fs.FileType.Directory:
         return None
-    return pds.dataset(path, format="parquet", filesystem=filesys).to_table(columns=columns)
+    dataset = pds.dataset(path, format="parquet", filesystem=filesys)
+    return dataset.to_table(columns=columns) if dataset.files else None
 
 
 def _missing(paths: list[str], output: str) -> set[str]:
@@ -245,7 +249,7 @@ def run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, *, 
     check_choice("kind", kind, KINDS)
     pa = pyarrow()
     predictor.validate()
-    check_new_folder(output)
+    new_output_folder(output)
     sources = list_images(inputs, column=column, root=root)
     if not sources:
         raise InvalidParameterError(f"no images in {', '.join(inputs)}")

@@ -86,17 +86,25 @@ def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows], schema=schema)
 
 
+#: How long one gs:// call may retry: google-cloud-cpp's default (15 minutes) makes a missing credential look
+#: like a hang.
+GCS_RETRY_SECONDS = 30
+
+
 def filesystem(uri: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The pyarrow file system and path of a local path or an s3:// / gs:// URI."""
+    """The pyarrow file system and path of a local path or an s3:// / gs:// URI (gs:// calls retry for at most
+    GCS_RETRY_SECONDS unless the URI sets retry_limit_seconds)."""
     pyarrow()
     from pyarrow import fs
 
     text = str(uri)
     if "://" in text:
+        if text.startswith("gs://") and "retry_limit_seconds=" not in text:
+            text += ("&" if "?" in text else "?") + f"retry_limit_seconds={GCS_RETRY_SECONDS}"
         try:
             return fs.FileSystem.from_uri(text)
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with the reason
-            raise InvalidParameterError(f"{text}: cannot open this location ({exc})") from None
+            raise InvalidParameterError(f"{uri}: cannot open this location ({exc})") from None
     return fs.LocalFileSystem(), str(Path(text).resolve())
 
 
@@ -105,12 +113,28 @@ def check_new_folder(uri: str | Path) -> None:
     from pyarrow import fs
 
     filesys, path = filesystem(uri)
-    info = filesys.get_file_info(path)
+    try:
+        info = filesys.get_file_info(path)
+        holds_files = info.type == fs.FileType.Directory and filesys.get_file_info(fs.FileSelector(path))
+    except OSError as exc:  # no network, no credentials, no such bucket
+        raise InvalidParameterError(f"{uri}: cannot reach this location ({exc})") from None
     if info.type == fs.FileType.File:
         raise InvalidParameterError(f"{uri} is a file; Parquet output is a folder of files: give a new folder")
-    if info.type == fs.FileType.Directory and filesys.get_file_info(fs.FileSelector(path, recursive=False)):
+    if holds_files:
         raise InvalidParameterError(f"{uri} already holds files; write to a new folder (or delete it) so the rows "
                                     f"of two runs do not mix")
+
+
+def new_output_folder(uri: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
+    """Create the output folder `uri` (local, s3:// or gs://) once `check_new_folder` accepts it; return its file
+    system and path. Called before any image is analysed, so an output that cannot be written loses no work."""
+    check_new_folder(uri)
+    filesys, path = filesystem(uri)
+    try:
+        filesys.create_dir(path, recursive=True)
+    except OSError as exc:  # read-only folder, missing bucket, no permission
+        raise InvalidParameterError(f"{uri}: cannot write there ({exc})") from None
+    return filesys, path
 
 
 class ParquetRowWriter:
@@ -119,12 +143,13 @@ class ParquetRowWriter:
     def __init__(self, folder: str | Path, schema: pa.Schema) -> None:
         import pyarrow.parquet as pq
 
-        check_new_folder(folder)
-        filesys, path = filesystem(folder)
-        filesys.create_dir(path, recursive=True)
+        filesys, path = new_output_folder(folder)
+        try:
+            self._writer = pq.ParquetWriter(f"{path}/part-00000.parquet", schema, filesystem=filesys)
+        except OSError as exc:
+            raise InvalidParameterError(f"{folder}: cannot write there ({exc})") from None
         self.schema, self.count = schema, 0
         self._rows: list[dict[str, Any]] = []
-        self._writer = pq.ParquetWriter(f"{path}/part-00000.parquet", schema, filesystem=filesys)
 
     def write(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
