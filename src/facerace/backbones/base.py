@@ -61,6 +61,8 @@ def onnx_session(path: Path, threads: int, backbone: str):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # no memory arena: with it, one crowd photo's batch kept ~230 MB per process for good (docs/BENCHMARKS.md)
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
