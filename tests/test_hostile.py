@@ -402,18 +402,21 @@ def test_folder_dataset_lists_non_image_files_as_problems(tmp_path, faces):
 
 
 # ---- integrity: the cached ONNX network, checkpoints -------------------------------------------
-def test_cached_onnx_network_is_verified_and_rebuilt(tmp_path, capsys):
+@pytest.mark.parametrize("network", ["dlib", "sface"])
+def test_cached_onnx_network_is_verified_and_rebuilt(network, tmp_path, capsys):
     from facerace.backbones.dlib_onnx import cached_onnx
+    from facerace.backbones.sface import cached_sface_onnx
     from facerace.files import sha256_file
 
-    path = cached_onnx(cache_dir=tmp_path)
+    cached = {"dlib": cached_onnx, "sface": cached_sface_onnx}[network]
+    path = cached(cache_dir=tmp_path)
     good = sha256_file(path)
     assert path.with_name(path.name + ".sha256").read_text().strip() == good
     for damage in (lambda b: b[:-1] + bytes([b[-1] ^ 1]), lambda b: os.urandom(1000)):
         path.write_bytes(damage(path.read_bytes()))
-        assert cached_onnx(cache_dir=tmp_path) == path and sha256_file(path) == good
+        assert cached(cache_dir=tmp_path) == path and sha256_file(path) == good
         assert "rebuilding it" in capsys.readouterr().err
-    assert cached_onnx(cache_dir=tmp_path) == path and capsys.readouterr().err == ""
+    assert cached(cache_dir=tmp_path) == path and capsys.readouterr().err == ""
 
 
 def test_checkpoints_are_loaded_as_tensors_only(tmp_path):

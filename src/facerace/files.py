@@ -7,8 +7,9 @@ import os
 import sys
 from importlib import util
 from pathlib import Path
+from typing import Callable
 
-from facerace.errors import MissingDependencyError
+from facerace.errors import CacheError, MissingDependencyError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -25,6 +26,37 @@ def notice(message: str) -> None:
     from facerace.textout import printable
 
     print(f"facerace: {printable(message)}", file=sys.stderr)
+
+
+def cached_build(target: Path, build: Callable[[], bytes]) -> Path:
+    """`target`, written from `build()` on first use with its SHA-256 beside it (`.sha256`).
+
+    A file whose SHA-256 is not the one recorded when it was built (modified or damaged) is
+    rebuilt, and that is said on stderr. Written atomically (concurrent workers never read half
+    a file); a folder that cannot be written is a CacheError.
+    """
+    recorded = target.with_name(target.name + ".sha256")
+    if target.is_file():
+        try:
+            expected = recorded.read_text().strip() if recorded.is_file() else None
+            if expected == sha256_file(target):
+                return target
+        except OSError:
+            expected = "?"
+        notice(f"{target} does not have the SHA-256 recorded when it was built "
+               f"({'modified or damaged' if expected else 'none recorded'}); rebuilding it")
+    data = build()
+    partial = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        partial.replace(target)
+        partial.write_text(hashlib.sha256(data).hexdigest() + "\n")
+        partial.replace(recorded)
+    except OSError as exc:
+        raise CacheError(f"cannot write {target} ({exc.strerror or exc}); set FACERACE_CACHE to a writable "
+                         "folder") from None
+    return target
 
 
 def default_cache_dir() -> Path:

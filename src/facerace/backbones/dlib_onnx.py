@@ -7,15 +7,12 @@ under the cache folder, keyed by the SHA-256 of the weights file.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from facerace.backbones.dlib_format import CHIP_SIZE, MEAN_RGB, MODEL_FILE, apply_weights, network, read_dlib_resnet
-from facerace.errors import CacheError
 
 OPSET = 17
 
@@ -98,40 +95,17 @@ def build_onnx(path: str | Path | None = None, weights: dict[str, np.ndarray] | 
 
 def cached_onnx(weights: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
     """The ONNX file for face-recognition-models' weights (with a fine-tuned `weights` file's layers
-    swapped in), built on first use into the cache folder with its SHA-256 beside it (`.sha256`).
-
-    A cached file whose SHA-256 is not the one recorded when it was built (modified or damaged) is
-    rebuilt, and that is said on stderr.
-    """
-    from facerace.files import default_cache_dir, dlib_model_file, notice, sha256_file
+    swapped in), built on first use into the cache folder and verified on every use
+    (`facerace.files.cached_build`)."""
+    from facerace.files import cached_build, default_cache_dir, dlib_model_file, sha256_file
 
     source = dlib_model_file(MODEL_FILE)
     key = sha256_file(source)[:16] + (f"-ft-{sha256_file(Path(weights))[:16]}" if weights else "")
     target = Path(cache_dir or default_cache_dir()) / "models" / f"dlib-resnet-v1-{key}.onnx"
-    recorded = target.with_name(target.name + ".sha256")
-    if target.is_file():
-        try:
-            expected = recorded.read_text().strip() if recorded.is_file() else None
-            if expected == sha256_file(target):
-                return target
-        except OSError:
-            expected = "?"
-        notice(f"{target} does not have the SHA-256 recorded when it was built "
-               f"({'modified or damaged' if expected else 'none recorded'}); rebuilding it")
-    tensors = None
-    if weights:
+
+    def build() -> bytes:
         from safetensors.numpy import load_file
 
-        tensors = load_file(str(weights))
-    model = build_onnx(source, tensors)
-    partial = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(model)
-        partial.replace(target)  # atomic: concurrent workers never read half a file
-        partial.write_text(hashlib.sha256(model).hexdigest() + "\n")
-        partial.replace(recorded)
-    except OSError as exc:
-        raise CacheError(f"cannot write {target} ({exc.strerror or exc}); set FACERACE_CACHE to a writable "
-                         "folder") from None
-    return target
+        return build_onnx(source, load_file(str(weights)) if weights else None)
+
+    return cached_build(target, build)

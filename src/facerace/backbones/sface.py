@@ -12,7 +12,6 @@ Its chips (`input_spec.alignment == "sface"`) are cut by `facerace.align.SFaceAl
 
 from __future__ import annotations
 
-import os
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -95,17 +94,13 @@ def dequantized_onnx(source: str | Path, *, rewrite_prelu: bool = True) -> bytes
 
 
 def cached_sface_onnx(cache_dir: str | Path | None = None) -> Path:
-    """The float32 SFace ONNX file, derived from the wheel's int8 model on first use into the cache folder."""
-    from facerace.files import default_cache_dir
+    """The float32 SFace ONNX file, derived from the wheel's int8 model on first use into the cache folder and
+    verified on every use (`facerace.files.cached_build`)."""
+    from facerace.files import cached_build, default_cache_dir
 
     source = sface_model_file()
     target = Path(cache_dir or default_cache_dir()) / "models" / f"sface-2021dec-f32-v{GRAPH_VERSION}-{sha256_file(source)[:16]}.onnx"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".tmp{os.getpid()}")
-        partial.write_bytes(dequantized_onnx(source))
-        partial.replace(target)  # atomic: concurrent workers never read half a file
-    return target
+    return cached_build(target, lambda: dequantized_onnx(source))
 
 
 class SFace:
