@@ -20,13 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from facerace import Predictor, load_image
-from facerace.backbones.dlib_onnx import cached_onnx
-from facerace.backbones.sface import cached_sface_onnx
+from facerace.backbones.base import OnnxBackbone
 from facerace.training.runs import environment
-
-#: The ONNX file each ONNX Runtime backbone runs.
-ONNX_FILES = {"dlib-resnet-v1-onnx": lambda backbone: cached_onnx(backbone.tuned),
-              "sface": lambda backbone: cached_sface_onnx()}
 
 
 def gflops(path: Path) -> float:
@@ -77,9 +72,9 @@ def main() -> None:
     total_ms = 0.0
     for member, member_chips in zip(pipeline.members, chips):
         backbone = member.get_backbone()
-        if member.backbone not in ONNX_FILES:
+        if not isinstance(backbone, OnnxBackbone):
             raise SystemExit(f"{member.backbone} is not run by ONNX Runtime; this script measures those that are")
-        work = gflops(ONNX_FILES[member.backbone](backbone))
+        work = gflops(backbone.onnx_file())
         passes = 2 if member.flip_average else 1
         member.embed(member_chips[0])  # load
         start = time.perf_counter()

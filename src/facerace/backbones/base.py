@@ -68,3 +68,29 @@ def onnx_session(path: Path, threads: int, backbone: str):
     except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
         raise ModelIntegrityError(f"{path} is not a usable ONNX network ({type(exc).__name__}); "
                                   "delete it and facerace rebuilds it") from None
+
+
+class OnnxBackbone:
+    """A network run by ONNX Runtime on one graph file (`onnx_file()`, uint8 chips in), opened on first use
+    with `threads` threads; pickles without the session."""
+
+    name: str
+    dim: int
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self._net = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_net": None}
+
+    def onnx_file(self) -> Path:
+        """The ONNX graph this network runs (built or derived on first use)."""
+        raise NotImplementedError
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        if len(chips) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if self._net is None:
+            self._net = onnx_session(self.onnx_file(), self.threads, self.name)
+        return self._net.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]

