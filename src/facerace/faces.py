@@ -130,9 +130,7 @@ class FacePipeline:
             else create_detector(self.detector)
 
     def make_backbone(self) -> Backbone:
-        """A new backbone of this pipeline's kind (validates name and files)."""
-        if self.fused:
-            return FusedBackbone(tuple(m.make_backbone() for m in self.members))
+        """A new backbone of this pipeline's kind (validates name and files; a fused name gives a FusedBackbone)."""
         return create_backbone(self.backbone, self.backbone_weights, self.tuned)
 
     def get_detector(self) -> Detector:

@@ -1,7 +1,7 @@
 """Parquet output: the Arrow schemas of `predict` and `embed` rows, shared by the local and the Ray engine.
 
 Output is a Parquet *dataset*: a folder of `.parquet` files (the local engine writes one,
-`part-00000.parquet`; Ray writes one or more per block), read back whole by
+`part-00000.parquet`; Ray writes files of about 10,000 rows), read back whole by
 `pyarrow.parquet.read_table(folder)`, `pandas.read_parquet(folder)`, DuckDB or Spark.
 Local paths and s3:// / gs:// URIs are both accepted (through pyarrow's file systems).
 """
