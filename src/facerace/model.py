@@ -299,6 +299,8 @@ def write_training_digests(path: Path, digests: Sequence[str]) -> dict[str, str]
     """Write the training images' digest prefixes into model folder `path`; the config entries naming the file."""
     np.save(path / DIGESTS_FILE, np.unique(digest_prefixes(digests)), allow_pickle=False)
     return {"training_files": DIGESTS_FILE, "training_files_sha256": sha256_file(path / DIGESTS_FILE)}
+
+
 def save_heldout(path: Path, heldout: HeldOut) -> str:
     """Write held-out probabilities (float32) and true classes (int32) to `path`; return its SHA-256."""
     from safetensors.numpy import save_file
