@@ -12,6 +12,7 @@ from facerace.quantify import (
     estimate,
     interval,
     simplex_least_squares,
+    validated,
 )
 
 # Held-out faces of a 2-class model: every class-0 face gets (0.8, 0.2), every class-1 face (0.3, 0.7),
@@ -138,6 +139,55 @@ def test_bootstrap_covers_the_truth(synthetic):
         truth = np.bincount(y, minlength=5) / len(y)
         hits += list((low <= truth + 1e-9) & (truth <= high + 1e-9))
     assert 0.85 <= np.mean(hits) <= 1.0
+
+
+def _shifted_collection(rng, means, n):
+    """Faces whose photos differ from the training ones: every class's faces drift toward class 0's."""
+    y = rng.choice(len(means), n, p=rng.dirichlet(np.full(len(means), 0.7)))
+    x = means[y] + 0.6 * (means[0] - means[y]) + rng.standard_normal((n, means.shape[1]))
+    loglik = -((x[:, None, :] - means[None]) ** 2).sum(-1) / 2
+    p = np.exp(loglik - loglik.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True), y
+
+
+@pytest.mark.parametrize("weight", [1.0, None])
+def test_validated_is_unbiased_and_covers_under_a_strong_shift(synthetic, weight):
+    """Collections of 1,000 faces whose photos differ from the training ones, 200 labelled at random: pacc is
+    biased by points, validated is not and about 95% of its 95% intervals hold the true shares."""
+    held, _, _, means = synthetic
+    rng = np.random.default_rng(11)
+    errors, pacc_errors, hits = [], [], []
+    for _ in range(400):
+        probs, y = _shifted_collection(rng, means, 1000)
+        truth = np.bincount(y, minlength=5) / len(y)
+        sample = rng.choice(1000, 200, replace=False)
+        est, low, high = validated(probs.mean(0), 1000, probs[sample], y[sample], weight=weight)
+        errors.append(est - truth)
+        pacc_errors.append(estimate(probs, "pacc", held) - truth)
+        hits.append((low <= truth + 1e-9) & (truth <= high + 1e-9))
+    assert np.abs(np.mean(pacc_errors, 0)).max() > 0.05  # the shift biases the adjusted estimate
+    assert np.abs(np.mean(errors, 0)).max() < 0.005  # bias near 0 (standard error of a mean over 400: ~0.1 point)
+    assert np.mean(np.abs(errors)) < 0.02
+    assert 0.93 <= np.mean(hits) <= 0.97
+
+
+def test_validated_by_hand():
+    # 4 faces, 2 labelled: mean probability (0.5, 0.5); labelled residuals (1-0.8, 0-0.2) and (0-0.4, 1-0.6)
+    probs = np.array([[0.8, 0.2], [0.4, 0.6]])
+    est, low, high = validated(np.array([0.5, 0.5]), 4, probs, np.array([0, 1]))
+    np.testing.assert_allclose(est, [0.5 + (0.2 - 0.4) / 2, 0.5 + (-0.2 + 0.4) / 2])
+    se = np.sqrt((1 - 2 / 4) * np.var([0.2, -0.4], ddof=1) / 2)
+    np.testing.assert_allclose(low, np.clip(est - 1.959964 * se, 0, 1), atol=1e-6)  # intervals inside [0, 1]
+    np.testing.assert_allclose(high, np.clip(est + 1.959964 * se, 0, 1), atol=1e-6)
+    # every face labelled: the labelled shares, exactly
+    est, low, high = validated(np.array([0.6, 0.4]), 2, probs, np.array([0, 0]))
+    np.testing.assert_allclose([est, low, high], [[1, 0]] * 3)
+    # weight 0: the labelled faces' own shares
+    np.testing.assert_allclose(validated(np.array([0.5, 0.5]), 10, probs, np.array([0, 1]), weight=0)[0], [0.5, 0.5])
+    with pytest.raises(InvalidParameterError, match="at least 2 labelled"):
+        validated(np.array([0.5, 0.5]), 10, probs[:1], np.array([0]))
+    with pytest.raises(InvalidParameterError, match="true classes"):
+        validated(np.array([0.5, 0.5]), 10, probs, np.array([0, 2]))
 
 
 def test_errors_are_clear():

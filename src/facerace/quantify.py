@@ -16,6 +16,12 @@ and by how much depends on the true mix. The methods here (shares always sum to 
 - `adjusted`: the recommended adjusted method, `ADJUSTED` (`pacc`: its error is as low as
   `em`'s and only its intervals include the uncertainty of the held-out statistics).
 
+- `validated`: prediction-powered inference (Angelopoulos, Bates, Fannjiang, Jordan & Zrnic,
+  Science 2023) from a uniform random sample of the faces whose true class a person labelled:
+  the mean probability vector of all the faces, corrected by the mean of (one-hot true class -
+  probability vector) over the labelled ones. Unbiased whatever the shift between the training
+  photos and these; see `validated`.
+
 Intervals (`bootstrap`) are percentile intervals over replicates that resample the faces
 and, for `pacc`, the held-out faces within each true class (the way the held-out split was
 drawn), so they include the uncertainty of M. `em` uses the held-out faces only through
@@ -25,6 +31,7 @@ their class mix, which that resampling keeps fixed: its intervals resample the f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -258,3 +265,40 @@ def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, tol:
         if not len(active):
             break
     return shares
+
+
+def validated(mean_probs: np.ndarray, faces: int, probs: np.ndarray, labels: np.ndarray, *,
+              weight: float | None = 1.0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class shares (estimate, low, high), each (K,), of a collection of `faces` faces whose mean probability
+    vector is `mean_probs` (K,), from the probabilities `probs` (n, K) and true classes `labels` (n,) of a
+    uniform random sample of n of them, drawn without replacement.
+
+    The estimate is w * mean_probs + mean(onehot(labels) - w * probs): prediction-powered inference
+    (PPI) with `weight` w = 1, the labelled sample's own shares with w = 0, and PPI++'s power-tuned
+    weight (Angelopoulos, Duchi & Zrnic 2023: the w in [0, 1] of least total variance, from the
+    sample) with None. The collection itself is the population (its true shares are the target), so
+    its mean probability is known exactly and the only error is the sample's: a normal interval
+    with the finite-population variance (1 - n/N) s^2 / n of the corrected residuals (0 when every
+    face is labelled). Estimates are projected onto the simplex (a negative share becomes 0) and
+    intervals clipped to [0, 1].
+    """
+    probs, mean_probs = np.asarray(probs, np.float64), np.asarray(mean_probs, np.float64)
+    labels = np.asarray(labels, np.int64)
+    n, k = probs.shape if probs.ndim == 2 else (0, len(mean_probs))
+    if n < 2 or labels.shape != (n,) or faces < n or mean_probs.shape != (k,):
+        raise InvalidParameterError(f"validated shares need at least 2 labelled faces among the collection's {faces} "
+                                    f"and one true class each; got {n} probability rows, labels {labels.shape}")
+    if labels.min() < 0 or labels.max() >= k:
+        raise InvalidParameterError(f"true classes must be indices 0..{k - 1}, got {sorted(set(labels.tolist()))}")
+    truth = np.eye(k)[labels]
+    if weight is None:
+        centred = probs - probs.mean(0)
+        spread = float((centred**2).sum())
+        weight = float(np.clip((centred * (truth - truth.mean(0))).sum() / spread, 0, 1)) if spread > 0 else 0.0
+    residual = truth - weight * probs
+    point = weight * mean_probs + residual.mean(0)
+    se = np.sqrt(max(0.0, 1 - n / faces) * residual.var(0, ddof=1) / n)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    estimate = np.clip(point, 0, None)
+    estimate = estimate / estimate.sum() if estimate.sum() > 0 else np.full(k, 1 / k)
+    return estimate, np.clip(point - z * se, 0, 1), np.clip(point + z * se, 0, 1)
