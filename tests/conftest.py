@@ -32,6 +32,21 @@ def run_cli(*args: object) -> tuple[int, str, str]:
 DATASETS = Path(os.environ.get("FACERACE_DATASETS", Path(__file__).parents[1] / ".." / "shared" / "datasets"))
 
 
+#: Set to 1 (as .ci/run does) where every test must run: a skipped test is then reported as a failure.
+REQUIRE_ALL = "FACERACE_REQUIRE_ALL_TESTS"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With FACERACE_REQUIRE_ALL_TESTS=1 a skip (a missing browser, dataset or package) fails, with its reason."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and os.environ.get(REQUIRE_ALL) == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but {REQUIRE_ALL}=1 requires every test to run: {reason}"
+
+
 def fixture_labels() -> list[dict[str, str]]:
     with open(FIXTURES / "fairface_val_labels.csv", newline="") as f:
         return list(csv.DictReader(f))

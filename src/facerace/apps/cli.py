@@ -610,6 +610,7 @@ def _serve(args: argparse.Namespace) -> int:
     from facerace.apps.serve.app import load_predictor
     from facerace.apps.serve.server import uvicorn_options
 
+    _check_port(args.host, args.port)  # before "serving on": a port in use is a usage error, not uvicorn's exit 3
     load_predictor(args.model)  # a missing model or damaged weights stop here, before the server starts
     os.environ.update(FACERACE_MODEL=str(args.model), FACERACE_MAX_UPLOAD_BYTES=str(int(args.max_upload_mb * 2**20)),
                       FACERACE_TIMEOUT_S=str(args.timeout), FACERACE_HEADER_TIMEOUT_S=str(args.header_timeout),
@@ -618,6 +619,22 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run("facerace.apps.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, **uvicorn_options(args.max_connections, quiet=args.quiet))
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse (usage error naming it) an address the server could not listen on: a port in use, out of range,
+    privileged, or a host that is not this machine's."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InvalidParameterError(f"cannot listen on {host}:{port} ({reason}): another program may use port "
+                                    f"{port}; choose another --port (or --host)") from None
 
 
 def _datasets(args: argparse.Namespace) -> int:

@@ -153,15 +153,20 @@ class RowsActor:
 def connect(address: str | None, *, quiet: bool = False) -> bool:
     """Join the cluster at `address` (auto, HOST:PORT, ray://...), or start Ray on this machine's cores.
 
-    Returns whether this call started Ray (then the caller shuts it down). A Ray already
-    initialised in this process is used as it is. Ray's usage statistics are off unless the
-    environment turns them on (RAY_USAGE_STATS_ENABLED=1): facerace runs offline, and their
-    collector is one more process per job. `quiet`: Ray's own messages at start-up are limited to errors.
+    Without `address`, the environment's RAY_ADDRESS is used as Ray itself does (a cluster this machine was told
+    to join), and messages name that variable. Returns whether this call started Ray (then the caller shuts it
+    down). A Ray already initialised in this process is used as it is. Ray's usage statistics are off unless the
+    environment turns them on (RAY_USAGE_STATS_ENABLED=1): facerace runs offline, and their collector is one
+    more process per job. `quiet`: Ray's own messages at start-up are limited to errors.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _ray()
+    setting = f"--ray-address {address}"
+    if address is None and os.environ.get("RAY_ADDRESS", "").strip():
+        address = os.environ["RAY_ADDRESS"].strip()
+        setting = f"RAY_ADDRESS={address} (in the environment; unset it to run Ray on this machine)"
     if address not in (None, "auto"):
-        _check_reachable(address)
+        _check_reachable(address, setting)
     if ray.is_initialized():
         return False
     level = "error" if quiet else "warning"
@@ -172,12 +177,12 @@ def connect(address: str | None, *, quiet: bool = False) -> bool:
             ray.init(address=address, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InvalidParameterError(
-            f"--ray-address {address}: cannot join a Ray cluster there ({exc}); start one with `ray start --head`, "
-            f"or drop --ray-address to run Ray on this machine") from None
+            f"{setting}: cannot join a Ray cluster there ({exc}); start one with `ray start --head`, "
+            f"or drop the address to run Ray on this machine") from None
     return True
 
 
-def _check_reachable(address: str) -> None:
+def _check_reachable(address: str, setting: str) -> None:
     """Refuse at once an address where nothing listens (ray.init would retry it for minutes)."""
     import socket
 
@@ -186,8 +191,8 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
         raise InvalidParameterError(
-            f"--ray-address {address}: nothing answers there ({exc}); give the head node's HOST:PORT (the port of "
-            f"`ray start --head`, 6379 by default) or ray://HOST:10001, or drop --ray-address to run Ray on this "
+            f"{setting}: nothing answers there ({exc}); give the head node's HOST:PORT (the port of "
+            f"`ray start --head`, 6379 by default) or ray://HOST:10001, or drop the address to run Ray on this "
             f"machine") from None
 
 

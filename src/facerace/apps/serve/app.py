@@ -1,4 +1,5 @@
-"""HTTP service: POST /v1/analyze, GET /v1/health, GET /v1/models, GET /model-card, docs at /docs, a web page at /.
+"""HTTP service: POST /v1/analyze, GET /v1/health, GET /v1/models, GET /model-card (an HTML page; the Markdown at
+/model-card.md), docs at /docs, a web page at /.
 
 The model is loaded, and its weights' SHA-256 checked, when the app is built: a damaged install never
 starts. Inference runs in a one-thread executor per process (more processes with `facerace serve
@@ -170,13 +171,21 @@ def create_app(
     async def page() -> str:
         return (resources.files("facerace.apps.serve") / "static" / "index.html").read_text()
 
-    @app.get("/model-card", response_class=PlainTextResponse)
-    async def model_card() -> str:
-        """The served model's card (Markdown): what it was trained on, how accurate it is, for whom."""
+    def card_text() -> str:
         card = resolve(base.model) / "MODEL_CARD.md"
         if not card.is_file():
             raise HTTPException(404, "this model has no model card")
-        return card.read_text(encoding="utf-8")
+        return card.read_text(encoding="utf-8", errors="replace")
+
+    @app.get("/model-card", response_class=HTMLResponse)
+    async def model_card() -> str:
+        """The served model's card as a page: what it was trained on, how accurate it is, for whom."""
+        return card_page(card_text(), base.config.name)
+
+    @app.get("/model-card.md", response_class=PlainTextResponse)
+    async def model_card_markdown() -> str:
+        """The served model's card as its Markdown source."""
+        return card_text()
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -221,6 +230,26 @@ def create_app(
 
     app.state.predictor = base
     return app
+
+
+#: The model card page's style: readable text and tables, nothing loaded from other hosts.
+CARD_STYLE = ("body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
+              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem}"
+              "code,pre{background:#f4f4f4}pre{padding:.5rem;overflow-x:auto}")
+
+
+def card_page(markdown: str, model: str) -> str:
+    """A model card's Markdown as a whole HTML page, rendered offline by markdown-it (CommonMark and tables):
+    raw HTML in the card is shown as text, never run, and links to javascript:/vbscript:/data: are dropped."""
+    from html import escape
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Model card: {escape(model)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CARD_STYLE}</style></head>'
+            f'<body>\n{body}<p><a href="/model-card.md">Markdown source</a> · <a href="/">back</a></p>'
+            "</body></html>\n")
 
 
 def _analyse(predictor: Predictor, data: bytes) -> ImageResult:
