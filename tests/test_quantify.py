@@ -11,8 +11,11 @@ from facerace.quantify import (
     em_priors,
     estimate,
     interval,
+    Stratum,
+    shift_test,
     simplex_least_squares,
     validated,
+    validated_strata,
 )
 
 # Held-out faces of a 2-class model: every class-0 face gets (0.8, 0.2), every class-1 face (0.3, 0.7),
@@ -169,6 +172,39 @@ def test_validated_is_unbiased_and_covers_under_a_strong_shift(synthetic, weight
     assert np.abs(np.mean(errors, 0)).max() < 0.005  # bias near 0 (standard error of a mean over 400: ~0.1 point)
     assert np.mean(np.abs(errors)) < 0.02
     assert 0.93 <= np.mean(hits) <= 0.97
+
+
+def test_validated_strata_are_right_however_unequally_they_were_sampled(synthetic):
+    """Two groups of 900 and 100 faces with 50 labelled in each: pooling the labelled faces over-weights the small
+    group; the stratified estimate does not, and covers the truth."""
+    _, _, _, means = synthetic
+    rng = np.random.default_rng(5)
+    errors, hits = [], []
+    for _ in range(200):
+        big, small = _gaussian_faces(rng, means, 900, np.array([0.8, 0.05, 0.05, 0.05, 0.05])), \
+            _gaussian_faces(rng, means, 100, np.array([0.05, 0.05, 0.05, 0.05, 0.8]))
+        strata = [Stratum(p.mean(0), len(p), p[:50], y[:50]) for p, y in (big, small)]
+        truth = np.bincount(np.concatenate([big[1], small[1]]), minlength=5) / 1000
+        est, low, high = validated_strata(strata)
+        errors.append(est - truth)
+        hits.append((low <= truth + 1e-9) & (truth <= high + 1e-9))
+    assert np.abs(np.mean(errors, 0)).max() < 0.005
+    assert 0.92 <= np.mean(hits) <= 0.98
+
+
+def test_shift_test_fires_under_a_shift_and_rarely_without(synthetic):
+    held, _, _, means = synthetic
+    rng = np.random.default_rng(9)
+    fired = {}
+    for name, make in (("mix only", lambda: _gaussian_faces(rng, means, 1000, rng.dirichlet(np.full(5, 0.7)))),
+                       ("shift", lambda: _shifted_collection(rng, means, 1000))):
+        p_values = []
+        for _ in range(60):
+            probs, _ = make()
+            p_values.append(shift_test(probs, held, estimate(probs, "pacc", held), replicates=100,
+                                       random_state=rng)[1])
+        fired[name] = np.mean(np.array(p_values) < 0.05)
+    assert fired["mix only"] <= 0.15 and fired["shift"] >= 0.7
 
 
 def test_validated_by_hand():

@@ -267,6 +267,17 @@ def em_priors(probs: np.ndarray, weights: np.ndarray, prior: np.ndarray, *, tol:
     return shares
 
 
+@dataclass(frozen=True)
+class Stratum:
+    """A collection (or one group of it) of `faces` faces with mean probability vector `mean_probs` (K,), and the
+    probabilities `probs` (n, K) and true classes `labels` (n,) of a uniform random sample of n of them."""
+
+    mean_probs: np.ndarray
+    faces: int
+    probs: np.ndarray
+    labels: np.ndarray
+
+
 def validated(mean_probs: np.ndarray, faces: int, probs: np.ndarray, labels: np.ndarray, *,
               weight: float | None = 1.0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class shares (estimate, low, high), each (K,), of a collection of `faces` faces whose mean probability
@@ -282,8 +293,28 @@ def validated(mean_probs: np.ndarray, faces: int, probs: np.ndarray, labels: np.
     face is labelled). Estimates are projected onto the simplex (a negative share becomes 0) and
     intervals clipped to [0, 1].
     """
-    probs, mean_probs = np.asarray(probs, np.float64), np.asarray(mean_probs, np.float64)
-    labels = np.asarray(labels, np.int64)
+    return validated_strata([Stratum(mean_probs, faces, probs, labels)], weight=weight, level=level)
+
+
+def validated_strata(strata: list[Stratum], *, weight: float | None = 1.0, level: float = 0.95
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`validated` shares of the union of disjoint strata (groups), each with its own uniform random sample:
+    the strata's estimates weighted by their numbers of faces (a stratified estimate, right however
+    unequally the strata were sampled)."""
+    total = sum(s.faces for s in strata)
+    parts = [_ppi(s, weight) for s in strata]
+    point = sum(s.faces / total * p for s, (p, _) in zip(strata, parts))
+    se = np.sqrt(sum((s.faces / total) ** 2 * v for s, (_, v) in zip(strata, parts)))
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    estimate = np.clip(point, 0, None)
+    estimate = estimate / estimate.sum() if estimate.sum() > 0 else np.full(len(point), 1 / len(point))
+    return estimate, np.clip(point - z * se, 0, 1), np.clip(point + z * se, 0, 1)
+
+
+def _ppi(stratum: Stratum, weight: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(point estimate, variance), each (K,), of one stratum's class shares (see `validated`)."""
+    probs, mean_probs = np.asarray(stratum.probs, np.float64), np.asarray(stratum.mean_probs, np.float64)
+    labels, faces = np.asarray(stratum.labels, np.int64), stratum.faces
     n, k = probs.shape if probs.ndim == 2 else (0, len(mean_probs))
     if n < 2 or labels.shape != (n,) or faces < n or mean_probs.shape != (k,):
         raise InvalidParameterError(f"validated shares need at least 2 labelled faces among the collection's {faces} "
@@ -296,9 +327,44 @@ def validated(mean_probs: np.ndarray, faces: int, probs: np.ndarray, labels: np.
         spread = float((centred**2).sum())
         weight = float(np.clip((centred * (truth - truth.mean(0))).sum() / spread, 0, 1)) if spread > 0 else 0.0
     residual = truth - weight * probs
-    point = weight * mean_probs + residual.mean(0)
-    se = np.sqrt(max(0.0, 1 - n / faces) * residual.var(0, ddof=1) / n)
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    estimate = np.clip(point, 0, None)
-    estimate = estimate / estimate.sum() if estimate.sum() > 0 else np.full(k, 1 / k)
-    return estimate, np.clip(point - z * se, 0, 1), np.clip(point + z * se, 0, 1)
+    return weight * mean_probs + residual.mean(0), max(0.0, 1 - n / faces) * residual.var(0, ddof=1) / n
+
+
+#: The top-probability bins the shift test compares (the test then costs the same for any number of faces).
+_SHIFT_BINS = 200
+
+
+def shift_test(probs: np.ndarray, heldout: HeldOut, shares: np.ndarray, *, replicates: int = 200,
+               random_state: int | np.random.Generator | None = 0) -> tuple[float, float]:
+    """(distance, p-value): do faces with probabilities `probs` (n, K) look unlike the model's held-out faces?
+
+    Needs no labels. A collection that differs from the training data only in its class mix has
+    the top probabilities of held-out faces mixed in its class `shares` (K,, e.g. the pacc
+    estimate). The distance is the Kolmogorov-Smirnov distance between the faces' top-probability
+    distribution and that mixture of the held-out faces'; its p-value comes from `replicates`
+    parametric bootstrap collections of n faces drawn from the held-out faces with those weights,
+    each against a held-out set resampled within each class (its finite size is uncertain too).
+    """
+    probs = np.asarray(probs, np.float64)
+    rng = np.random.default_rng(random_state)
+    edges = np.linspace(0, 1, _SHIFT_BINS + 1)[1:-1]
+    held_bins = np.digitize(heldout.probabilities.max(1), edges)
+    per_class = np.bincount(heldout.labels, minlength=len(shares))
+    weights = np.asarray(shares, np.float64)[heldout.labels] / per_class[heldout.labels]
+    weights /= weights.sum()
+
+    def cdf(bins: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return np.cumsum(np.bincount(bins, w, minlength=_SHIFT_BINS)) / w.sum()
+
+    reference = cdf(held_bins, weights)
+    observed = np.abs(cdf(np.digitize(probs.max(1), edges), np.ones(len(probs))) - reference).max()
+    classes = [np.nonzero(heldout.labels == i)[0] for i in range(len(per_class))]
+    null = np.empty(replicates)
+    for b in range(replicates):
+        resampled = np.zeros(len(weights))
+        for rows in classes:
+            if len(rows):
+                np.add.at(resampled, rows[rng.integers(0, len(rows), len(rows))], 1.0)
+        drawn = rng.multinomial(len(probs), weights).astype(np.float64)
+        null[b] = np.abs(cdf(held_bins, drawn) - cdf(held_bins, weights * resampled)).max()
+    return float(observed), float((1 + np.sum(null >= observed)) / (1 + replicates))

@@ -87,22 +87,34 @@ def _images(candidates: Iterable[Path], arg: str, *, images_only: bool = True, q
     return files
 
 
-def _from_csv(path: Path, column: str | None, root: Path | None) -> list[Source]:
+def read_csv(path: str | Path, what: str = "CSV file") -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(column names, [(line number, row)]) of a UTF-8 CSV file with a header (a BOM is dropped).
+
+    The one reader of the CSV files users give facerace (paths, labels). Raises InvalidParameterError
+    naming the file (as `what`) when it cannot be read, is not UTF-8 text or is not CSV.
+    """
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return _csv_sources(path, csv.DictReader(f), column, root)
+            reader = csv.DictReader(f)
+            rows = [(line, row) for line, row in enumerate(reader, start=2)]
+            return list(reader.fieldnames or []), rows
     except UnicodeDecodeError as exc:
         raise InvalidParameterError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the CSV as "
                                     "UTF-8 (any spreadsheet's \"CSV UTF-8\" format)") from None
     except csv.Error as exc:  # a field over the csv module's size limit, ...
-        raise InvalidParameterError(f"{path}: not a CSV file of paths ({exc})") from None
+        raise InvalidParameterError(f"{path}: not a {what} ({exc})") from None
     except OSError as exc:
         raise InvalidParameterError(f"{path}: cannot read this CSV ({exc.strerror or exc})") from None
 
 
-def _csv_sources(path: Path, reader: csv.DictReader, column: str | None, root: Path | None) -> list[Source]:
-    """The sources in `reader`'s column `column` (default `path` or `file`) of CSV file `path`."""
-    fields = reader.fieldnames or []
+def _from_csv(path: Path, column: str | None, root: Path | None) -> list[Source]:
+    fields, rows = read_csv(path, "CSV file of paths")
+    return _csv_sources(path, fields, rows, column, root)
+
+
+def _csv_sources(path: Path, fields: list[str], rows: list[tuple[int, dict[str, str]]], column: str | None,
+                 root: Path | None) -> list[Source]:
+    """The sources in column `column` (default `path` or `file`) of the rows of CSV file `path`."""
     name = column or next((c for c in CSV_COLUMNS if c in fields), None)
     if name is None or name not in fields:
         wanted = repr(column) if column else "'path' or 'file'"
@@ -112,7 +124,7 @@ def _csv_sources(path: Path, reader: csv.DictReader, column: str | None, root: P
         )
     allowed = (root or path.parent).resolve()
     out = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in rows:
         value = (row.get(name) or "").strip()
         if not value or "\x00" in value:
             out.append(Source(f"{path}:{line}", f"{'empty' if not value else 'NUL character in the'} {name!r} cell"))
