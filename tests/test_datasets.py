@@ -4,7 +4,7 @@ import pytest
 from conftest import FIXTURES, needs_dataset
 
 from facerace.errors import DatasetError, InvalidParameterError
-from facerace.training.datasets import open_dataset, parse_utk_name, utk_age_group
+from facerace.training.datasets import open_dataset, parse_utk_name, race_gender_counts, utk_age_group
 
 
 def make_fairface(root, rows, split="val"):
@@ -59,8 +59,15 @@ def test_utk_folder_or_parent_and_malformed_skipped(tmp_path):
 
 
 def test_real_datasets_have_the_documented_sizes():
+    from facerace.labels import SCHEMES
+
     ff = open_dataset(f"fairface:{needs_dataset('fairface')}", "val")
-    assert len(ff.samples) == 2871 and not ff.problems
+    assert len(ff.samples) == 4062 and not ff.problems
+    assert sum(r.get("Female", 0) for r in race_gender_counts(ff.samples).values()) == 1191
+    train = race_gender_counts(open_dataset(f"fairface:{needs_dataset('fairface')}", "train").samples,
+                               SCHEMES["fairface7"].classes)  # the counts the datasets README documents
+    assert train["Middle Eastern"] == {"Female": 1331, "Male": 2969} and train["White"] == {"Female": 1780, "Male": 2520}
+    assert sum(r["Female"] for r in train.values()) == 12011 and sum(r["Male"] for r in train.values()) == 18089
     utk = open_dataset(f"utkface:{needs_dataset('utkface')}", "all")
     assert len(utk.samples) + len(utk.problems) == 10000
 

@@ -57,8 +57,10 @@ def test_every_rate_carries_its_count_and_interval():
     a = m["per_class"]["a"]
     assert (a["correct"], a["support"], a["predicted"]) == (1, 2, 2)
     assert a["recall_ci95"] == wilson(1, 2) and a["precision_ci95"] == wilson(1, 2)
-    g = group_metrics(["m", "m", "m", None], y, probs.argmax(1), 2)["m"]
-    assert g["correct"] == 2 and g["accuracy_ci95"] == wilson(2, 3)
+    g = group_metrics(["m"] * 60 + [None] * 20, np.tile(y, 20), np.tile(probs.argmax(1), 20), 2)["m"]
+    assert (g["n"], g["correct"], g["measured"]) == (60, 30, True) and g["accuracy_ci95"] == wilson(30, 60)
+    g = group_metrics(["m", "m", "m", None], y, probs.argmax(1), 2)["m"]  # too few to measure: counts only
+    assert (g["n"], g["correct"], g["measured"], g["accuracy"], g["accuracy_ci95"]) == (3, 2, False, None, None)
 
 
 def test_reliability_plot_skips_empty_bins_and_shows_counts(tmp_path, monkeypatch):

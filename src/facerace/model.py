@@ -66,6 +66,20 @@ class ModelConfig:
     training_files: str = ""
     training_files_sha256: str = ""
     caveat: str = ""
+    #: what the model was trained on, per gender and per class x gender (written by `facerace train`; None for
+    #: models saved before it was kept): {"data": ["FairFace train"], "images": N, "per_gender": {gender: n},
+    #: "per_race_gender": {class: {gender: n}}}, counting every image used (fitted or held out)
+    training_mix: dict[str, Any] | None = None
+
+    def mix_summary(self) -> str | None:
+        """The training mix in words, e.g. "FairFace train: 30,100 faces, 12,011 women and 18,089 men"; None
+        when the config does not record it."""
+        mix = self.training_mix
+        if mix is None:
+            return None
+        genders = [f"{n:,} {gender_words(g)}" for g, n in sorted(mix["per_gender"].items(), key=_unknown_last)]
+        return (f"{' + '.join(mix['data'])}: {mix['images']:,} faces" + (", " if genders else "")
+                + " and ".join([", ".join(genders[:-1]), genders[-1]] if len(genders) > 1 else genders))
 
     def threshold_for(self, scheme: str) -> float:
         """The uncertainty threshold of `scheme`: its own when stored (coarser schemes have higher
@@ -88,6 +102,15 @@ class ModelConfig:
         return cls(**{**d, "classes": tuple(d["classes"])})
 
 
+def gender_words(gender: str) -> str:
+    """How a count of faces of `gender` reads: "women", "men", "of unknown gender", or the label itself."""
+    return {"female": "women", "male": "men", "unknown": "of unknown gender"}.get(gender.lower(), gender)
+
+
+def _unknown_last(item: tuple[str, Any]) -> tuple[bool, str]:
+    return item[0] == "unknown", item[0]
+
+
 def _json_types(annotation: str) -> tuple[type, ...] | None:
     """The JSON value types a ModelConfig field annotation allows (None: not checked)."""
     plain = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
@@ -96,6 +119,8 @@ def _json_types(annotation: str) -> tuple[type, ...] | None:
         return None if None in parts else tuple(t for p in parts for t in p)
     if annotation in plain:
         return plain[annotation]
+    if annotation == "None":
+        return (type(None),)
     return (list,) if annotation.startswith(("tuple", "list")) else (dict,) if annotation.startswith("dict") else None
 
 
@@ -138,11 +163,26 @@ def _config_problems(d: Any) -> list[str]:
             if name in d:
                 problems.append(f"{name!r} must be one value per network of backbone {d['backbone']!r} ({parts})"
                                 if parts > 1 else f"{name!r} must be a single value")
+    if isinstance(d.get("training_mix"), dict):
+        problems += _mix_problems(d["training_mix"])
     for name in ("weights", "tuned", "training_files"):
         value = d.get(name)
         if isinstance(value, str) and value and (Path(value).name != value or value in (".", "..")):
             problems.append(f"{name!r} must name a file in the model folder, not {value!r}")
     return problems
+
+
+def _mix_problems(mix: dict[str, Any]) -> list[str]:
+    """What is wrong with a config's `training_mix` (empty if nothing)."""
+    def counts(value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items())
+
+    ok = (set(mix) == {"data", "images", "per_gender", "per_race_gender"} and isinstance(mix["data"], list)
+          and all(isinstance(v, str) for v in mix["data"]) and type(mix["images"]) is int and mix["images"] >= 0
+          and counts(mix["per_gender"]) and isinstance(mix["per_race_gender"], dict)
+          and all(isinstance(k, str) and counts(v) for k, v in mix["per_race_gender"].items()))
+    return [] if ok else ["'training_mix' must hold data (names), images (a count), per_gender ({gender: count}) "
+                          "and per_race_gender ({class: {gender: count}})"]
 
 
 def shipped_dir(name: str) -> Path:
@@ -311,8 +351,8 @@ def save_heldout(path: Path, heldout: HeldOut) -> str:
 
 
 def list_models() -> list[dict[str, Any]]:
-    """The shipped models: name, version, classes, backbone, thresholds per scheme, measured accuracy and
-    the caveat of its model card (e.g. the data it was trained and measured on)."""
+    """The shipped models: name, version, classes, backbone, thresholds per scheme, measured accuracy, the
+    caveat of its model card and its training mix (counts per gender and class x gender, and in words)."""
     out = []
     for name in SHIPPED:
         try:
@@ -322,5 +362,6 @@ def list_models() -> list[dict[str, Any]]:
         out.append({"name": name, "version": c.version, "scheme": c.scheme, "classes": list(c.classes),
                     "backbone": c.backbone, "detector": c.detector, "threshold": c.threshold,
                     "thresholds": {c.scheme: c.threshold, **c.thresholds}, "trained_on": c.trained_on,
-                    "caveat": c.caveat, "metrics": c.metrics, "path": str(shipped_dir(name))})
+                    "caveat": c.caveat, "training_mix": c.training_mix, "training_mix_summary": c.mix_summary(),
+                    "metrics": c.metrics, "path": str(shipped_dir(name))})
     return out

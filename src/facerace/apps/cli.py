@@ -513,21 +513,38 @@ def _evaluate(args: argparse.Namespace) -> int:
     run, m = evaluate(args.model, args.data, split=args.split, scheme=args.scheme, out=args.out,
                       path_column=args.path_column, label_column=args.label_column,
                       cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
-    from facerace.training.modelcard import interval, rate
+    from facerace.model import gender_words
+    from facerace.training.modelcard import headline, rate
 
     _show(f"{m['data']['spec']} ({m['data']['split']}), scheme {m['scheme']}, n={m['n']}")
-    print(f"accuracy {rate(m['correct'], m['n'], m['accuracy_ci95'])}  macro-F1 {m['macro_f1']:.3f}  "
-          f"loss {m['loss']:.3f}  ECE {m['ece']:.3f}")
+    _show("\n".join(headline(m)) + f"\nmacro-F1 {m['macro_f1']:.3f}  loss {m['loss']:.3f}  ECE {m['ece']:.3f}")
     print(f"uncertain (confidence < {m['threshold']}): {rate(m['uncertain'], m['n'], m['uncertain_ci95'])}; "
           f"accuracy on the rest {rate(m['correct_when_certain'], m['certain'], m['accuracy_when_certain_ci95'])}")
-    print(f"{'class':<18}{'support':>8}  {'recall (95% CI)':<24}{'precision (95% CI)':<24}{'f1':>6}")
+    print(f"{'class':<18}{'support':>8}  {'recall (95% CI)':<36}{'precision (95% CI)':<36}{'f1':>6}")
     for name, c in m["per_class"].items():
-        recall, precision = (f"{c[k]:.1%} ({interval(c[k + '_ci95'])})" for k in ("recall", "precision"))
-        print(f"{name:<18}{c['support']:>8}  {recall:<24}{precision:<24}{c['f1']:>6.3f}")
+        print(f"{name:<18}{c['support']:>8}  {_short_rate(c['correct'], c['support'], c['recall_ci95']):<36}"
+              f"{_short_rate(c['correct'], c['predicted'], c['precision_ci95']):<36}{c['f1']:>6.3f}")
+    if m["per_race_gender"]:
+        print(f"{'class x gender':<32}{'n':>7}  accuracy (95% CI)")
+        for name, row in m["per_race_gender"].items():
+            for gender, v in row.items():
+                _show(f"{name + ' ' + gender_words(gender):<32}{v['n']:>7}  "
+                      f"{_short_rate(v['correct'], v['n'], v['accuracy_ci95'])}")
     if m["merged"]:
         print("merged classes: " + "; ".join(f"{k} <- {', '.join(v)}" for k, v in m["merged"].items()))
+    print(f"groups of fewer than {m['min_group_faces']} faces: too few to measure; age x gender and the rest: "
+          f"report.md")
     _show(f"run folder: {run}")
     return 0
+
+
+def _short_rate(k: int, n: int, ci: list[float] | None) -> str:
+    """A rate as `62.3% (60.5-64.0%; 1,788/2,871)`, or "too few to measure" below the group minimum."""
+    from facerace.training.metrics import MIN_GROUP_FACES
+
+    if n < MIN_GROUP_FACES:
+        return f"too few to measure ({k:,}/{n:,})"
+    return f"{k / n:.1%} ({ci[0]:.1%}-{ci[1]:.1%}; {k:,}/{n:,})" if ci else f"{k / n:.1%} ({k:,}/{n:,})"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -567,6 +584,7 @@ def _models(args: argparse.Namespace) -> int:
         thresholds = ", ".join(f"{s} {t}" for s, t in m["thresholds"].items())
         _show(f"{m['name']}  (version {m['version']}, {m['backbone']} + {m['detector']} detector)\n"
               f"  classes: {', '.join(m['classes'])}\n  trained on: {m['trained_on']}\n"
+              f"  training mix: {m['training_mix_summary'] or 'not recorded (model saved before facerace kept it)'}\n"
               + (f"  caveat: {m['caveat']}\n" if m["caveat"] else "") + f"  measured: {acc}\n"
               f"  uncertain below confidence: {thresholds}\n  {m['path']}")
     return 0
@@ -646,7 +664,10 @@ def _datasets(args: argparse.Namespace) -> int:
         _show(f"{args.data} split {split}: {r['images']} readable images, scheme {r['scheme']}")
         for key in ("per_class", "per_gender", "per_age"):
             if r[key]:
-                _show(f"  {key.removeprefix('per_')}: " + ", ".join(f"{k} {v}" for k, v in r[key].items()))
+                _show(f"  {key.removeprefix('per_')}: " + ", ".join(f"{k} {v:,}" for k, v in r[key].items()))
+        if r["per_race_gender"]:
+            _show("  class x gender: " + "; ".join(f"{c}: " + ", ".join(f"{g} {n:,}" for g, n in row.items())
+                                                   for c, row in r["per_race_gender"].items()))
     problems = report["problems"]
     print(f"{len(problems)} problem(s)" + (":" if problems else ""))
     for line in problems:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from facerace.errors import DatasetError, check_choice
 
@@ -58,6 +59,12 @@ class Dataset:
     @property
     def spec(self) -> str:
         return f"{self.kind}:{self.root}"
+
+    @property
+    def title(self) -> str:
+        """The dataset and split in words, without its location: "FairFace train", "folder faces (all)"."""
+        known = {"fairface": "FairFace", "utkface": "UTKFace"}
+        return f"{known[self.kind]} {self.split}" if self.kind in known else f"{self.kind} {self.root.name} ({self.split})"
 
 
 def parse_spec(spec: str) -> tuple[str, Path]:
@@ -273,6 +280,17 @@ def read_utkface(root: Path, split: str) -> Dataset:
     return Dataset("utkface", root, "all", "utk5", 0.3, samples, problems)
 
 
+def race_gender_counts(samples: list[Sample], classes: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+    """{class: {gender: faces}} of `samples` (faces of unknown gender under "unknown"; genders sorted, "unknown"
+    last), classes in the order of `classes` when given, else in order of first appearance."""
+    counts: dict[str, dict[str, int]] = {c: {} for c in classes or ()}
+    for s in samples:
+        row = counts.setdefault(s.label, {})
+        row[s.gender or "unknown"] = row.get(s.gender or "unknown", 0) + 1
+    return {c: dict(sorted(row.items(), key=lambda kv: (kv[0] == "unknown", kv[0]))) for c, row in counts.items()
+            if row}
+
+
 def dataset_splits(spec: str) -> list[str]:
     """The splits a dataset has (FairFace: those with a label CSV; the others: their one split)."""
     kind, root = parse_spec(spec)
@@ -289,11 +307,13 @@ def dataset_splits(spec: str) -> list[str]:
 
 def check_dataset(spec: str, *, path_column: str = "path", label_column: str = "label",
                   progress: bool = True) -> dict:
-    """Counts per split, class, gender and age group, and every missing, unreadable or mislabelled file."""
+    """Counts per split, class, gender, age group and class x gender (genders sorted, faces of unknown gender
+    as "unknown"), and every missing, unreadable or mislabelled file."""
     from collections import Counter
 
     from facerace.errors import ImageError
     from facerace.images import load_image
+    from facerace.labels import SCHEMES
     from facerace.textout import progress_bar
 
     report: dict = {"spec": spec, "splits": {}, "problems": []}
@@ -312,6 +332,8 @@ def check_dataset(spec: str, *, path_column: str = "path", label_column: str = "
             "per_gender": dict(Counter(s.gender for s in ds.samples if s.gender)),
             "per_age": dict(sorted(Counter(s.age for s in ds.samples if s.age).items(),
                                    key=lambda kv: AGE_GROUPS.index(kv[0]) if kv[0] in AGE_GROUPS else 99)),
+            "per_race_gender": race_gender_counts(ds.samples, SCHEMES[ds.scheme].classes)
+                               if any(s.gender for s in ds.samples) else {},
         }
         report["problems"] += ds.problems + unreadable
     return report

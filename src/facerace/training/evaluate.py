@@ -14,9 +14,9 @@ from facerace.model import ModelConfig, digest_prefixes, load_model, model_pipel
 from facerace.textout import CsvWriter
 from facerace.training.datasets import AGE_GROUPS, open_dataset
 from facerace.training.embeddings import CropEmbedder, embed_files
-from facerace.training.metrics import classification_metrics, group_metrics, reliability, wilson
+from facerace.training.metrics import classification_metrics, reliability, subgroup_metrics, wilson
 from facerace.training.modelcard import evaluation_markdown
-from facerace.training.plots import plot_confusion, plot_reliability
+from facerace.training.plots import plot_confusion, plot_reliability, try_plot
 from facerace.training.runs import discard_if_empty, environment, new_run_dir, write_json
 
 
@@ -98,23 +98,38 @@ def evaluate(
         "accuracy_when_certain_ci95": wilson(int(right[certain].sum()), int(certain.sum())),
         "training_overlap": overlap,
         "warnings": notes,
-        "per_gender": group_metrics([s.gender for s in samples], y, y_pred, len(classes)),
-        "per_age": _by_age(group_metrics([s.age for s in samples], y, y_pred, len(classes))),
+        **subgroup_metrics(y, probs, classes, [s.gender for s in samples], [s.age for s in samples]),
         "reliability": reliability(confidence, (y_pred == y).astype(float)),
         "environment": environment(),
     })
-    write_json(run / "metrics.json", metrics)
-    plot_confusion(np.array(metrics["confusion"]), classes, run / "confusion.png", title=f"{ds.kind} {ds.split}")
-    plot_reliability(metrics["reliability"], metrics["ece"], run / "reliability.png")
-    report = [f"# Evaluation of model `{config.name}` ({model})", "", *evaluation_markdown(metrics),
-              "![confusion matrices](confusion.png)", "", "![reliability diagram](reliability.png)", ""]
-    (run / "report.md").write_text("\n".join(report))
+    metrics["per_age"] = _by_age(metrics["per_age"])
+    metrics["per_age_gender"] = _by_age(metrics["per_age_gender"])
     with open(run / "predictions.csv", "w", newline="", errors="backslashreplace") as f:
         w = CsvWriter(f)
         w.writerow(["path", "true", "predicted", "confidence", *classes])
         for s, t, p, row in zip(samples, y, y_pred, probs):
             w.writerow([s.path, classes[t], classes[p], round(float(row[p]), 4), *(round(float(v), 4) for v in row)])
+    title = f"# Evaluation of model `{config.name}` ({model})"
+    _write_results(run, metrics, title, drawn=("confusion.png", "reliability.png"))  # complete before any plot
+    tried = {"confusion.png": try_plot(plot_confusion, np.array(metrics["confusion"]), classes, run / "confusion.png",
+                                       title=f"{ds.kind} {ds.split}"),
+             "reliability.png": try_plot(plot_reliability, metrics["reliability"], metrics["ece"],
+                                         run / "reliability.png")}
+    failed = [note for note in tried.values() if note]
+    if failed:
+        for note in failed:
+            warnings.warn(FaceraceWarning(note), stacklevel=2)
+        metrics["warnings"] = [*notes, *failed]
+        _write_results(run, metrics, title, drawn=tuple(name for name, note in tried.items() if not note))
     return run, metrics
+
+
+def _write_results(run: Path, metrics: dict[str, Any], title: str, drawn: tuple[str, ...]) -> None:
+    """metrics.json and report.md, which links the plots in `drawn`."""
+    write_json(run / "metrics.json", metrics)
+    alt = {"confusion.png": "confusion matrices", "reliability.png": "reliability diagram"}
+    (run / "report.md").write_text("\n".join([title, "", *evaluation_markdown(metrics),
+                                              *(line for name in drawn for line in (f"![{alt[name]}]({name})", ""))]))
 
 
 def training_overlap(model: str | Path, config: ModelConfig, digests: list[str]) -> dict[str, Any] | None:

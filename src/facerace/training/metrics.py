@@ -12,19 +12,23 @@ from facerace.labels import convert_label, convert_probabilities, get_scheme, re
 
 #: The normal quantile of a two-sided 95% interval.
 Z95 = 1.959964
+#: Groups of fewer faces than this get no rate in reports ("too few to measure") and are never the worst group.
+MIN_GROUP_FACES = 50
 
 
 def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:
     """Wilson score interval [low, high] of a rate k/n (95% by default); None when n is 0.
 
     Unlike the normal approximation it stays inside [0, 1] and is honest for small n and rates near 0 or 1.
+    The bounds are clipped so that 0 <= low <= k/n <= high <= 1 exactly: rounding alone gives 10 of 10
+    an upper bound of 0.9999999999999999, below the rate itself.
     """
     if n <= 0:
         return None
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))]
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -97,20 +101,118 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     }
 
 
-def group_metrics(groups: Sequence[str | None], y_true: np.ndarray, y_pred: np.ndarray,
-                  n_classes: int) -> dict[str, dict]:
-    """Count, correct, accuracy (Wilson 95% interval) and macro-F1 per group value (e.g. gender or age group);
-    None values skipped."""
+def group_metrics(groups: Sequence[str | None], y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
+                  confidence: np.ndarray | None = None) -> dict[str, dict]:
+    """Per group value (e.g. gender or age group; None values skipped): count, correct, accuracy (Wilson 95%
+    interval), macro-F1 and, given the faces' `confidence`, ECE. A group of fewer than MIN_GROUP_FACES faces
+    is `measured: false` and its rates are None (too few to measure); its counts stay."""
     out = {}
-    arr = np.array([g if g is not None else "" for g in groups])
+    arr = np.array([g if g is not None else "" for g in groups], dtype=object)
     for g in sorted(set(arr) - {""}):
         mask = arr == g
+        n, right = int(mask.sum()), int(np.sum(y_true[mask] == y_pred[mask]))
         pc = per_class(confusion_matrix(y_true[mask], y_pred[mask], n_classes), [str(i) for i in range(n_classes)])
         f1 = [c["f1"] for c in pc.values() if c["support"] > 0]
-        right = int(np.sum(y_true[mask] == y_pred[mask]))
-        out[g] = {"n": int(mask.sum()), "correct": right, "accuracy": right / int(mask.sum()),
-                  "accuracy_ci95": wilson(right, int(mask.sum())), "macro_f1": float(np.mean(f1)) if f1 else 0.0}
+        row = {**rate_row(right, n), "macro_f1": float(np.mean(f1)) if f1 else 0.0}
+        if confidence is not None:
+            row["ece"] = expected_calibration_error(confidence[mask], (y_true[mask] == y_pred[mask]).astype(float))
+        if not row["measured"]:
+            row.update({k: None for k in ("macro_f1", "ece") if k in row})
+        out[str(g)] = row
     return out
+
+
+def rate_row(k: int, n: int, name: str = "accuracy") -> dict[str, Any]:
+    """`n`, `correct` (k) and, when n >= MIN_GROUP_FACES, the rate `name` and its Wilson 95% interval
+    (`name_ci95`); below that both are None. `measured` says which."""
+    measured = n >= MIN_GROUP_FACES
+    return {"n": int(n), "correct": int(k), "measured": measured, name: k / n if measured else None,
+            f"{name}_ci95": wilson(k, n) if measured else None}
+
+
+def race_gender_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str],
+                        genders: Sequence[str | None]) -> dict[str, dict[str, dict]]:
+    """Per true class and gender (faces of unknown gender left out; empty cells left out): the group's count and
+    accuracy (the class's recall among faces of that gender), and precision among the faces of that gender
+    predicted as the class, each with its Wilson 95% interval; a rate over fewer than MIN_GROUP_FACES faces is
+    None (`measured` / `precision_measured` false)."""
+    arr = np.array([g if g is not None else "" for g in genders], dtype=object)
+    out: dict[str, dict[str, dict]] = {}
+    for g in sorted(set(arr) - {""}):
+        mask = arr == g
+        pc = per_class(confusion_matrix(y_true[mask], y_pred[mask], len(classes)), classes)
+        for c, v in pc.items():
+            if v["support"]:
+                precision = rate_row(v["correct"], v["predicted"], "precision")
+                out.setdefault(c, {})[str(g)] = {**rate_row(v["correct"], v["support"]), "predicted": v["predicted"],
+                                                 "precision": precision["precision"],
+                                                 "precision_ci95": precision["precision_ci95"],
+                                                 "precision_measured": precision["measured"]}
+    return {c: out[c] for c in classes if c in out}
+
+
+def crossed_groups(first: Sequence[str | None], second: Sequence[str | None], y_true: np.ndarray,
+                   y_pred: np.ndarray, n_classes: int) -> dict[str, dict[str, dict]]:
+    """`group_metrics` of every (first, second) pair of values, e.g. age group x gender: {first: {second: row}}."""
+    arr = np.array([g if g is not None else "" for g in second], dtype=object)
+    out: dict[str, dict[str, dict]] = {}
+    for g in sorted(set(arr) - {""}):
+        mask = arr == g
+        for a, row in group_metrics([v for v, m in zip(first, mask) if m], y_true[mask], y_pred[mask],
+                                    n_classes).items():
+            out.setdefault(a, {})[str(g)] = row
+    return out
+
+
+def worst_group(cells: dict[str, dict[str, dict]]) -> dict[str, Any] | None:
+    """The least accurate race x gender group among those of at least MIN_GROUP_FACES faces (`cells` from
+    `race_gender_metrics`), or None when no group is that large."""
+    measured = [(v["accuracy"], -v["n"], race, gender) for race, row in cells.items() for gender, v in row.items()
+                if v["measured"]]
+    if not measured:
+        return None
+    _, _, race, gender = min(measured)
+    v = cells[race][gender]
+    too_few = sum(not v["measured"] for row in cells.values() for v in row.values())
+    return {"group": f"{race} {gender}", "race": race, "gender": gender, "n": v["n"], "correct": v["correct"],
+            "accuracy": v["accuracy"], "accuracy_ci95": v["accuracy_ci95"], "min_faces": MIN_GROUP_FACES,
+            "groups_measured": len(measured), "groups_too_few": too_few}
+
+
+def gender_gap(per_gender: dict[str, dict]) -> dict[str, Any] | None:
+    """Accuracy points between the most and the least accurate gender (of those with at least MIN_GROUP_FACES
+    faces), with Newcombe's 95% interval of that difference (from the two Wilson intervals); None when fewer
+    than two genders are that large."""
+    measured = sorted(((v["accuracy"], g) for g, v in per_gender.items() if v["measured"]), reverse=True)
+    if len(measured) < 2:
+        return None
+    (p1, high), (p2, low) = measured[0], measured[-1]
+    (l1, u1), (l2, u2) = per_gender[high]["accuracy_ci95"], per_gender[low]["accuracy_ci95"]
+    d = p1 - p2
+    ci = [max(-1.0, d - math.hypot(p1 - l1, u2 - p2)), min(1.0, d + math.hypot(u1 - p1, p2 - l2))]
+    return {"points": 100 * d, "points_ci95": [100 * ci[0], 100 * ci[1]], "higher": high, "lower": low,
+            "min_faces": MIN_GROUP_FACES,
+            "per_gender": {g: {k: v[k] for k in ("n", "correct", "accuracy", "accuracy_ci95", "measured", "ece")
+                               if k in v} for g, v in per_gender.items()}}
+
+
+def subgroup_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                     genders: Sequence[str | None], ages: Sequence[str | None]) -> dict[str, Any]:
+    """Everything measured per group of faces: per gender (with ECE), age group, race x gender and age x gender,
+    the worst race x gender group and the gap between genders (see `worst_group`, `gender_gap`)."""
+    y_pred, confidence = probs.argmax(1), probs.max(1)
+    per_gender = group_metrics(genders, y_true, y_pred, len(classes), confidence)
+    cells = race_gender_metrics(y_true, y_pred, classes, genders)
+    return {
+        "min_group_faces": MIN_GROUP_FACES,
+        "worst_group": worst_group(cells),
+        "gender_gap": gender_gap(per_gender),
+        "ece_per_gender": {g: v["ece"] for g, v in per_gender.items()},
+        "per_gender": per_gender,
+        "per_age": group_metrics(ages, y_true, y_pred, len(classes)),
+        "per_race_gender": cells,
+        "per_age_gender": crossed_groups(ages, genders, y_true, y_pred, len(classes)),
+    }
 
 
 def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target: float = 0.8) -> float:

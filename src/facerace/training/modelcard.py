@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from facerace.labels import reachable
-from facerace.model import ModelConfig
-from facerace.training.metrics import wilson
+from facerace.model import ModelConfig, gender_words
+from facerace.textout import printable
+from facerace.training.metrics import MIN_GROUP_FACES, wilson
 
 
 def _pct(v: float | None) -> str:
@@ -24,16 +25,48 @@ def rate(k: int, n: int, ci: list[float] | None) -> str:
     return "-" if not n else f"{k / n:.1%} ({k:,} of {n:,}; 95% CI {interval(ci)})"
 
 
+def group_rate(k: int, n: int, ci: list[float] | None = None) -> str:
+    """`rate`, or "too few to measure (12 faces)" for a group of fewer than MIN_GROUP_FACES faces."""
+    if n < MIN_GROUP_FACES:
+        return f"too few to measure ({n:,} face{'s' if n != 1 else ''})"
+    return rate(k, n, ci or wilson(k, n))
+
+
+def headline(m: dict[str, Any], text: Callable[[object], str] = str) -> list[str]:
+    """The headline figures of one evaluation, one line each, labels from the data passed through `text` (`md`
+    for Markdown): overall accuracy, the worst race x gender group, the gap between genders, ECE per gender."""
+    lines = [f"accuracy {rate(m['correct'], m['n'], m['accuracy_ci95'])}"]
+    w, gap = m["worst_group"], m["gender_gap"]
+    lines.append(f"worst race x gender group (of those with >= {m['min_group_faces']} faces): "
+                 + (f"{text(w['race'])} {text(gender_words(w['gender']))} {rate(w['correct'], w['n'], w['accuracy_ci95'])}" if w else
+                    "none measured (no gender labels, or no group that large)"))
+    if gap:
+        sides = " vs ".join(f"{text(gender_words(g))} {rate(v['correct'], v['n'], v['accuracy_ci95'])}"
+                            for g, v in ((g, gap["per_gender"][g]) for g in (gap["higher"], gap["lower"])))
+        lines.append(f"gap between genders: {gap['points']:.1f} points (95% CI {gap['points_ci95'][0]:.1f} to "
+                     f"{gap['points_ci95'][1]:.1f}): {sides}")
+    else:
+        lines.append(f"gap between genders: not measured (needs two genders of >= {m['min_group_faces']} faces)")
+    if m["ece_per_gender"]:
+        lines.append("calibration error (ECE, 15 bins) per gender: " + ", ".join(
+            f"{text(g)} " + (f"{e:.3f}" if e is not None else "too few to measure")
+            + f" (n = {m['per_gender'][g]['n']:,})" for g, e in m["ece_per_gender"].items()))
+    return lines
+
+
 def evaluation_markdown(m: dict[str, Any]) -> list[str]:
-    """Markdown lines for one `facerace evaluate` result: warnings, summary, per-class and per-group tables,
-    every rate with its count and Wilson 95% interval."""
+    """Markdown lines for one `facerace evaluate` result: warnings, headline figures, per-class and per-group
+    tables (gender, age group, race x gender, age x gender), every rate with its count and Wilson 95% interval,
+    groups of fewer than MIN_GROUP_FACES faces marked too few to measure."""
     d = m["data"]
     found = m["n"] - d["known_region_used"]
     lines = [f"### {d['spec'].split(':')[0]} {d['split']}, scored as `{m['scheme']}` (n = {m['n']:,})", ""]
-    lines += [f"> **Warning:** {w}" for w in m.get("warnings", [])] + ([""] if m.get("warnings") else [])
+    lines += [f"> **Warning:** {md(w)}" for w in m.get("warnings", [])] + ([""] if m.get("warnings") else [])
+    lines += [f"- **{h[0].upper()}{h[1:]}**" if i < 3 else f"- {h[0].upper()}{h[1:]}"
+              for i, h in enumerate(headline(m, md))] + [""]
     lines += [
-        f"Accuracy **{rate(m['correct'], m['n'], m['accuracy_ci95'])}**, macro-F1 {m['macro_f1']:.3f}, "
-        f"loss {m['loss']:.3f}, expected calibration error {m['ece']:.3f} (15 bins). Faces found by the detector: "
+        f"Macro-F1 {m['macro_f1']:.3f}, loss {m['loss']:.3f}, expected calibration error {m['ece']:.3f} (15 bins). "
+        f"Faces found by the detector: "
         f"{rate(found, m['n'], wilson(found, m['n']))} (the dataset's known face region was used for the rest). "
         f"Below the threshold ({m['threshold']}): {rate(m['uncertain'], m['n'], m['uncertain_ci95'])} marked "
         f"uncertain; accuracy on the others "
@@ -47,20 +80,85 @@ def evaluation_markdown(m: dict[str, Any]) -> list[str]:
                      f"{o['images']:,} of {o['of']:,}."), ""]
     if m.get("merged"):
         lines += ["Merged for this score: " + "; ".join(f"{k} = {' + '.join(v)}" for k, v in m["merged"].items()), ""]
-    lines += ["| class | support | recall | recall 95% CI | precision | precision 95% CI | F1 |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c} | {v['support']} | {_pct(v['recall'])} ({v['correct']}/{v['support']}) | {interval(v['recall_ci95'])} "
-              f"| {_pct(v['precision'])} ({v['correct']}/{v['predicted']}) | {interval(v['precision_ci95'])} "
-              f"| {v['f1']:.3f} |" for c, v in m["per_class"].items()]
-    for key, title in (("per_gender", "gender"), ("per_age", "age group")):
-        if m.get(key):
-            lines += ["", f"| {title} | n | accuracy | 95% CI | macro-F1 |", "|---|---|---|---|---|"]
-            lines += [f"| {g} | {v['n']} | {_pct(v['accuracy'])} ({v['correct']}/{v['n']}) | {interval(v['accuracy_ci95'])} "
-                      f"| {v['macro_f1']:.3f} |" for g, v in m[key].items()]
+    lines += ["| class | support | recall (95% CI) | precision (95% CI) | F1 |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {v['support']:,} | {group_rate(v['correct'], v['support'], v['recall_ci95'])} "
+              f"| {group_rate(v['correct'], v['predicted'], v['precision_ci95'])} | {v['f1']:.3f} |"
+              for c, v in m["per_class"].items()]
+    lines += _group_tables(m)
     env = m.get("environment", {})
-    lines += ["", "_Intervals: Wilson 95% score intervals of each rate (binomial; wide when n is small)._",
+    lines += ["", f"_Intervals: Wilson 95% score intervals of each rate (binomial; wide when n is small); the gap "
+              f"between genders: Newcombe's interval of the difference. Groups of fewer than {MIN_GROUP_FACES} "
+              "faces are too few to measure: their counts are shown, not their rates, and the worst group is "
+              "chosen among the others._",
               f"_Measured {env.get('date', '?')} on {env.get('machine', '?')}, "
               f"facerace {env.get('facerace', '?')}._", ""]
+    return lines
+
+
+def _group_tables(m: dict[str, Any]) -> list[str]:
+    """Markdown tables per gender, age group, race x gender and age group x gender."""
+    lines: list[str] = []
+    ece = "ece" in next(iter(m.get("per_gender", {}).values()), {})
+    for key, title in (("per_gender", "gender"), ("per_age", "age group")):
+        if m.get(key):
+            extra = ece and key == "per_gender"
+            lines += ["", f"| {title} | n | accuracy (95% CI) | macro-F1 |" + (" ECE |" if extra else ""),
+                      "|---|---|---|---|" + ("---|" if extra else "")]
+            lines += [f"| {md(g)} | {v['n']:,} | {group_rate(v['correct'], v['n'], v['accuracy_ci95'])} "
+                      f"| {_num(v['macro_f1'])} |" + (f" {_num(v['ece'])} |" if extra else "")
+                      for g, v in m[key].items()]
+    if m.get("per_race_gender"):
+        lines += ["", "Race x gender: accuracy is the class's recall among faces of that gender; precision is "
+                  "among faces of that gender predicted as the class.", "",
+                  "| class | gender | n | accuracy (95% CI) | precision (95% CI) |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {md(g)} | {v['n']:,} | {group_rate(v['correct'], v['n'], v['accuracy_ci95'])} "
+                  f"| {group_rate(v['correct'], v['predicted'], v['precision_ci95'])} |"
+                  for c, row in m["per_race_gender"].items() for g, v in row.items()]
+    if m.get("per_age_gender"):
+        lines += ["", "| age group | gender | n | accuracy (95% CI) | macro-F1 |", "|---|---|---|---|---|"]
+        lines += [f"| {md(a)} | {md(g)} | {v['n']:,} | {group_rate(v['correct'], v['n'], v['accuracy_ci95'])} "
+                  f"| {_num(v['macro_f1'])} |" for a, row in m["per_age_gender"].items() for g, v in row.items()]
+    return lines
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def md(text: object) -> str:
+    """Text from data (a gender or age label, a warning naming a file) for one Markdown line or table cell:
+    control characters escaped, Markdown and HTML syntax characters backslash-escaped."""
+    return "".join("\\" + ch if ch in "\\`*_[]<>|~&" else ch for ch in printable(text))
+
+
+def training_mix_markdown(config: ModelConfig) -> list[str]:
+    """The model card's lines on what the model was trained on, per gender and class x gender, from its config;
+    says so when the config does not record it."""
+    mix = config.training_mix
+    if mix is None:
+        return ["- Training mix per gender: not recorded in this model's config (saved before facerace kept it)."]
+    total = mix["images"]
+    genders = sorted(mix["per_gender"], key=lambda g: (g == "unknown", g))
+    lines = [f"- Training mix (every image used, fitted or held out): {md(config.mix_summary())}"
+             + (" (" + ", ".join(f"{md(gender_words(g))} {mix['per_gender'][g] / total:.1%}" for g in genders) + ")"
+                if total else "") + ".", "",
+             "| class | " + " | ".join(md(gender_words(g)) for g in genders) + " | all |",
+             "|---|" + "---|" * (len(genders) + 1)]
+    lines += [f"| {md(c)} | " + " | ".join(f"{row.get(g, 0):,}" for g in genders) + f" | {sum(row.values()):,} |"
+              for c, row in mix["per_race_gender"].items()]
+    lines += ["| all | " + " | ".join(f"{mix['per_gender'][g]:,}" for g in genders) + f" | {total:,} |", ""]
+    cells = [(n, c, g) for c, row in mix["per_race_gender"].items() for g, n in row.items() if g != "unknown"]
+    known = {g: n for g, n in mix["per_gender"].items() if g != "unknown"}
+    if len(known) > 1 and cells:
+        fewest = min(known, key=lambda g: known[g])
+        n, c, g = min(cells)
+        lines += [f"- {md(gender_words(fewest)).capitalize()} are fewer in the training data "
+                  f"({known[fewest] / sum(known.values()):.0%} of the faces of known gender), and the smallest "
+                  f"class x gender group is {md(c)} {md(gender_words(g))} ({n:,} faces): expect the model to be "
+                  "less accurate for the smaller groups, and read each group's measured accuracy below."]
+    elif len(known) == 1:
+        lines += [f"- Trained on {md(gender_words(next(iter(known))))} only: accuracy on other faces is not "
+                  "measured by its held-out training faces."]
     return lines
 
 
@@ -91,13 +189,15 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
            "correct a collection's composition for the model's confusions."] if config.heldout else []),
         "",
         "## Training data",
-        f"- {config.trained_on}.",
-        "- FairFace (Kärkkäinen & Joo, WACV 2021), CC BY 4.0: the subset available to this project, "
-        "**male faces only**. UTKFace (non-commercial) is not used for training.",
+        f"- {md(config.trained_on)}.",
+        *training_mix_markdown(config),
+        *(["- FairFace (Kärkkäinen & Joo, WACV 2021), CC BY 4.0: the subset available to this project. "
+           "UTKFace (non-commercial) is not used for training."] if "fairface" in config.trained_on.lower() else []),
         "",
         "## Measured performance",
-        "Every figure below comes from `facerace evaluate` (see Reproduce). FairFace figures are on "
-        "**male faces only**; UTKFace figures are cross-dataset (both genders, labels mapped to `utk5`).",
+        "Every figure below comes from `facerace evaluate` (see Reproduce): overall accuracy, the worst race x "
+        "gender group and the gap between genders first, then per class, gender, age group, race x gender and "
+        "age group x gender. UTKFace figures, if any, are cross-dataset (labels mapped to `utk5`).",
         "",
     ]
     for m in evaluations:

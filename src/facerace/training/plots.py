@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -15,6 +15,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def try_plot(plot: Callable[..., Path], *args: Any, **kwargs: Any) -> str | None:
+    """Draw `plot(*args, **kwargs)` (its last positional argument is the file); on any error remove the partial
+    file and return a note saying which plot was not drawn and why, so that a plot never loses computed results."""
+    path = Path(args[-1])
+    try:
+        plot(*args, **kwargs)
+    except Exception as exc:  # matplotlib raises many kinds; the results must survive all of them
+        path.unlink(missing_ok=True)
+        reason = " ".join(str(exc).split())[:200]
+        return f"{path.name} was not drawn ({type(exc).__name__}: {reason}); every other result was written"
+    return None
 
 
 def plot_loss(train_loss: Sequence[float], val_loss: Sequence[float], best_epoch: int, path: Path) -> Path:
@@ -76,7 +89,8 @@ def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     centres = [(b["low"] + b["high"]) / 2 for b in filled]
     accuracy = [b["accuracy"] for b in filled]
     intervals = [wilson(round(b["accuracy"] * b["count"]), b["count"]) for b in filled]
-    errors = [[a - lo for a, (lo, _) in zip(accuracy, intervals)], [hi - a for a, (_, hi) in zip(accuracy, intervals)]]
+    errors = [[max(0.0, a - lo) for a, (lo, _) in zip(accuracy, intervals)],
+              [max(0.0, hi - a) for a, (_, hi) in zip(accuracy, intervals)]]
     ax.bar(centres, accuracy, width=width, edgecolor="black", alpha=0.7, label="accuracy (95% CI; n faces)")
     ax.errorbar(centres, accuracy, yerr=errors, fmt="none", ecolor="black", capsize=2, linewidth=0.8)
     for x, b in zip(centres, filled):

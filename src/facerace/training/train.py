@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,11 +20,11 @@ from facerace.model import ModelConfig, save_model
 from facerace.quantify import HeldOut
 from facerace.textout import CsvWriter, progress_bar
 from facerace.training.config import TrainConfig
-from facerace.training.datasets import Dataset, Sample, open_dataset
+from facerace.training.datasets import Dataset, Sample, open_dataset, race_gender_counts
 from facerace.training.embeddings import CropEmbedder, embed_files, file_digests
 from facerace.training.finetune import ViewActivations, compute_views, fit
 from facerace.training.metrics import classification_metrics, scheme_thresholds
-from facerace.training.plots import plot_loss
+from facerace.training.plots import plot_loss, try_plot
 from facerace.training.runs import environment, new_run_dir, write_json
 
 
@@ -63,6 +64,28 @@ def _report(ds: Dataset, keep: list[Sample], used: int, unreadable: int, detecte
             "known_region_used": int((~detected).sum())}
 
 
+def _mix(ds: Dataset, used: list[Sample], scheme: str) -> dict[str, Any]:
+    """The title of a dataset and its used images counted per class (in `scheme`) x gender."""
+    converted = [replace(s, label=convert_label(s.label, ds.scheme, scheme)) for s in used]
+    return {"title": ds.title, "per_race_gender": race_gender_counts(converted, get_scheme(scheme).classes)}
+
+
+def training_mix(report: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig.training_mix from the datasets' reports: titles, images, per gender, per class x gender."""
+    cells: dict[str, dict[str, int]] = {}
+    for r in report.values():
+        for c, row in r["per_race_gender"].items():
+            for g, n in row.items():
+                cells.setdefault(c, {})[g] = cells.get(c, {}).get(g, 0) + n
+    genders: dict[str, int] = {}
+    for row in cells.values():
+        for g, n in row.items():
+            genders[g] = genders.get(g, 0) + n
+    return {"data": [r["title"] for r in report.values()], "images": sum(genders.values()),
+            "per_gender": dict(sorted(genders.items(), key=lambda kv: (kv[0] == "unknown", kv[0]))),
+            "per_race_gender": cells}
+
+
 def train_pipeline(config: TrainConfig) -> FacePipeline:
     """The face pipeline a training run embeds its images with (detector, network, its chips, flip)."""
     return FacePipeline(config.detector, config.backbone, config.backbone_weights, flip_average=config.flip_average)
@@ -82,7 +105,8 @@ def load_embeddings(config: TrainConfig, pipeline: FacePipeline, *, cache_dir=No
         xs.append(emb.vectors)
         ys.extend(classes.index(convert_label(s.label, ds.scheme, config.scheme)) for s in kept)
         samples.extend(kept)
-        report[spec] = {**_report(ds, keep, len(kept), len(emb.errors), emb.detected), "computed_now": emb.computed}
+        report[spec] = {**_report(ds, keep, len(kept), len(emb.errors), emb.detected), "computed_now": emb.computed,
+                        **_mix(ds, kept, config.scheme)}
     if not samples:
         raise DatasetError(f"no usable images in {', '.join(config.data)} for scheme {config.scheme!r}")
     return np.concatenate(xs), np.array(ys), samples, digests, report
@@ -95,7 +119,7 @@ def load_views(config: TrainConfig, activations: ViewActivations, *, cache_dir=N
     for spec, ds, keep in labelled(config):
         hashes, _ = file_digests([s.path for s in keep], progress=not quiet)  # unreadable files: None, left out
         readable = [(s, h) for s, h in zip(keep, hashes) if h]
-        spans.append((spec, ds, keep, len(paths), len(readable)))
+        spans.append((spec, ds, keep, [s for s, _ in readable], len(paths)))
         paths += [str(s.path) for s, _ in readable]
         digests += [h for _, h in readable]
         paddings += [ds.face_padding] * len(readable)
@@ -103,11 +127,13 @@ def load_views(config: TrainConfig, activations: ViewActivations, *, cache_dir=N
     store = compute_views(paths, digests, paddings, activations, cache_dir=cache_dir, workers=workers,
                           progress=not quiet)
     report = {}
-    for spec, ds, keep, start, count in spans:
+    for spec, ds, keep, readable, start in spans:
+        count = len(readable)
         done = store.done[start : start + count]
         detected = store.detected[start : start + count][done]
         report[spec] = {**_report(ds, keep, int(done.sum()), len(keep) - int(done.sum()), detected),
                         "computed_now": store.computed,
+                        **_mix(ds, [s for s, d in zip(readable, done) if d], config.scheme),
                         "views": {"path": str(store.directory), "shape": list(store.features.shape),
                                   "gigabytes": round(store.features.nbytes / 1e9, 3)}}
     rows = np.nonzero(store.done)[0]
@@ -208,6 +234,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
         chip_padding=[s.padding for s in specs] if fused else specs[0].padding, threshold=own["threshold"],
         flip_average=list(pipeline.flips) if fused else config.flip_average,
         thresholds={s: t["threshold"] for s, t in thresholds.items()}, caveat=training_caveat(report),
+        training_mix=training_mix(report),
         backbone_weights=str(Path(config.backbone_weights).resolve()) if config.backbone_weights else "",
         threshold_rule=f"per scheme, the lowest confidence at which held-out validation faces scored in that "
                        f"scheme are right >= {config.threshold_target:.0%} of the time (coverage in "
@@ -219,7 +246,9 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
     )
     save_model(run / "model", model_config, head, tuned, training_files=digests, heldout=HeldOut(probs, y_val))
     h = head.history_
-    plot_loss(h.train_loss, h.val_loss, h.best_epoch, run / "loss.png")
+    failed = try_plot(plot_loss, h.train_loss, h.val_loss, h.best_epoch, run / "loss.png")
+    if failed:
+        warnings.warn(FaceraceWarning(failed), stacklevel=2)
     with open(run / "history.csv", "w", newline="") as f:
         w = CsvWriter(f)
         w.writerow(["epoch", "train_loss", "val_loss", "val_accuracy"])
