@@ -197,3 +197,13 @@ def test_audit_on_ray_gives_the_local_composition(cluster, inputs, tmp_path):
     assert cli("audit", "--from", remote / "faces", "-o", again, "--replicates", "50")[0] == 0
     c = json.loads((again / "composition.json").read_text())
     assert [r["estimate"] for r in c["rows"]] == [r["estimate"] for r in b["rows"]]
+
+
+def test_undecodable_file_names_are_written_losslessly_by_ray(cluster, faces, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(faces[0], folder / os.fsdecode(b"caf\xe9.jpg"))
+    shutil.copy(faces[1], folder / "ok.jpg")
+    code, err = cli("predict", folder, "--engine", "ray", "--output", tmp_path / "out", "-q")
+    assert code == 0, err
+    assert sorted(Path(r["path"]).name for r in rows(tmp_path / "out")) == ["caf\\udce9.jpg", "ok.jpg"]

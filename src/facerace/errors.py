@@ -48,6 +48,15 @@ class TrainingInterrupted(FaceraceError, KeyboardInterrupt):
     """Ctrl-C during fine-tuning; the message says how to resume."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run that kept what it finished: the message says what was done and where it is;
+    `partial` holds the finished part where the run returns one (e.g. `embed`'s Embeddings)."""
+
+    def __init__(self, message: str, partial: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
 class NoFaceFoundError(FaceraceError):
     """No face could be classified where at least one was needed (e.g. a whole audited collection)."""
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import sys
+from contextlib import contextmanager
 from importlib import util
 from pathlib import Path
-from typing import Callable
+from typing import IO, Any, Callable, Iterator
 
 from facerace.errors import CacheError, MissingDependencyError
 
@@ -57,6 +59,34 @@ def cached_build(target: Path, build: Callable[[], bytes]) -> Path:
         raise CacheError(f"cannot write {target} ({exc.strerror or exc}); set FACERACE_CACHE to a writable "
                          "folder") from None
     return target
+
+
+def partial_name(target: Path) -> Path:
+    """A hidden name `target` is written under until it is complete (new for every call: runs in other processes
+    or threads writing the same target get their own)."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+@contextmanager
+def atomic_output(target: str | Path, mode: str = "w", *, keep_partial: bool = False,
+                  **open_args: Any) -> Iterator[IO[Any]]:
+    """A file opened under a hidden temporary name beside `target` and renamed to `target` when the block ends,
+    so a reader (or a second run writing the same file) never sees half a file: the last run to finish wins,
+    whole. If the block raises, the partial file is renamed too with `keep_partial` (rows finished before a
+    Ctrl-C are kept), else removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_name(target)
+    complete = False
+    try:
+        with open(partial, mode.replace("w", "x"), **open_args) as f:
+            yield f
+        complete = True
+    finally:
+        if (complete or keep_partial) and partial.exists():
+            os.replace(partial, target)
+        else:
+            partial.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:

@@ -284,35 +284,53 @@ class Embeddings:
     too_many: tuple[str, ...] = ()
 
     def save(self, path: str | Path) -> Path:
-        """Write an .npz with arrays paths, boxes, embeddings, backbone, errors and too_many; return its path."""
+        """Write an .npz with arrays paths, boxes, embeddings, backbone, errors and too_many (under a temporary
+        name, renamed when complete); return its path."""
+        from facerace.files import atomic_output
+
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, paths=np.array(self.paths, dtype=str), boxes=self.boxes, embeddings=self.vectors,
-                 backbone=np.array(self.backbone), errors=np.array(self.errors, dtype=str),
-                 too_many=np.array(self.too_many, dtype=str))
+        with atomic_output(out, "wb") as f:
+            np.savez(f, paths=np.array(self.paths, dtype=str), boxes=self.boxes, embeddings=self.vectors,
+                     backbone=np.array(self.backbone), errors=np.array(self.errors, dtype=str),
+                     too_many=np.array(self.too_many, dtype=str))
         return out
 
 
 def embed(images: Iterable[ImageInput], predictor: Predictor | None = None, *, progress: bool = False) -> Embeddings:
     """The embeddings of every face in `images` with `predictor`'s pipeline (default: the shipped model's);
-    unreadable images are listed in `errors`, never raised."""
+    unreadable images are listed in `errors`, never raised. Ctrl-C raises `Interrupted` (a KeyboardInterrupt)
+    whose `partial` holds the Embeddings of the images finished before it."""
+    from facerace.errors import Interrupted
     from facerace.textout import progress_bar
 
     predictor = (predictor or Predictor()).validate()
     images = list(images)
     paths, boxes, vectors, errors, too_many = [], [], [], [], []
-    for image in progress_bar(images, quiet=not progress or len(images) < 2, desc="embedding", unit="img"):
-        try:
-            found, embeddings = predictor.embed_faces(image)
-        except ImageError as exc:
-            errors.append(str(exc))
-            continue
-        paths += [describe(image)] * len(found.large)
-        boxes += [d.box for d in found.large]
-        vectors.append(embeddings)
-        if found.too_many:
-            too_many.append(f"{describe(image)}: {len(found.too_many)} faces not embedded "
-                            f"(over max_faces={predictor.max_faces})")
+    done = 0
+    try:
+        for image in progress_bar(images, quiet=not progress or len(images) < 2, desc="embedding", unit="img"):
+            try:
+                found, embeddings = predictor.embed_faces(image)
+            except ImageError as exc:
+                errors.append(str(exc))
+                done += 1
+                continue
+            paths += [describe(image)] * len(found.large)
+            boxes += [d.box for d in found.large]
+            vectors.append(embeddings)
+            if found.too_many:
+                too_many.append(f"{describe(image)}: {len(found.too_many)} faces not embedded "
+                                f"(over max_faces={predictor.max_faces})")
+            done += 1
+    except KeyboardInterrupt:
+        partial = _embeddings(predictor, paths, boxes, vectors, errors, too_many)
+        raise Interrupted(f"{done} of {len(images)} images embedded", partial) from None
+    return _embeddings(predictor, paths, boxes, vectors, errors, too_many)
+
+
+def _embeddings(predictor: Predictor, paths: list, boxes: list, vectors: list, errors: list,
+                too_many: list) -> Embeddings:
+    """The Embeddings of lists gathered by `embed` (the images done so far)."""
     backbone = predictor.get_backbone()
     return Embeddings(tuple(paths), np.array(boxes, dtype=np.int32).reshape(-1, 4),
                       np.concatenate(vectors) if vectors else np.zeros((0, backbone.dim), np.float32),

@@ -70,6 +70,16 @@ def printable(text: object, *, keep_newlines: bool = False) -> str:
     return "".join(out)
 
 
+def utf8_text(text: str) -> str:
+    """`text` as valid UTF-8 text: bytes of a file name that are not UTF-8 (surrogateescape's `\\udc80`-`\\udcff`)
+    and other lone surrogates written as `\\udcXX` escapes, the rest unchanged (what Parquet and CSV cells hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def display_width(text: str) -> int:
     """Terminal columns `text` takes: wide (CJK) characters 2, combining marks 0, others 1."""
     return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1

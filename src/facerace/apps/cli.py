@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from facerace.errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
 from facerace.textout import printable
@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from facerace.training.config import TrainConfig
 
 USAGE_ERRORS = (InvalidParameterError, DatasetError, ModelNotFoundError)
+#: What Ctrl-C keeps, per verb, where the verb's own message does not say (predict and embed count the images).
+_CACHED = "the embeddings computed so far are kept in the cache: the same command continues from them"
+INTERRUPTED = {"train": _CACHED, "evaluate": _CACHED, "serve": "the server stopped",
+               "stream": "stopped; the rows and video written so far are kept",
+               "audit": "the rows predicted so far are kept in the --out folder's faces.jsonl"}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -327,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"facerace {args.command}: error: {exc}")
         return 1
     except KeyboardInterrupt as exc:
-        _say(f"facerace {args.command}: interrupted ({exc or 'finished work was kept'})")
+        _say(f"facerace {args.command}: interrupted: {str(exc) or INTERRUPTED.get(args.command, 'nothing was written')}")
         return 130
 
 
@@ -373,11 +378,12 @@ def _discard_stdout() -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from contextlib import closing
+    from contextlib import ExitStack, closing
 
     from facerace.apps.draw import annotation_paths
     from facerace.apps.output import RowWriter, output_format
     from facerace.apps.sources import check_output, expand
+    from facerace.files import atomic_output
     from facerace.predictor import Predictor
     from facerace.results import ImageResult
     from facerace.textout import progress_bar
@@ -393,36 +399,43 @@ def _predict(args: argparse.Namespace) -> int:
     good = [s.path for s in sources if s.error is None]
     check_output(args.output, [*args.paths, *good])
     pictures = annotation_paths(good, args.annotate) if args.annotate else {}
-    stream: IO[str] | None = sys.stdout
-    if fmt == "parquet":
-        from facerace.apps.tables import ParquetRowWriter, predict_schema
+    drawn = done = 0
+    with ExitStack() as stack:  # on any exit the rows written so far are finished and renamed into place
+        if fmt == "parquet":
+            from facerace.apps.tables import ParquetRowWriter, predict_schema
 
-        if output is None:
-            raise InvalidParameterError("--format parquet needs --output FOLDER (a new folder)")
-        writer: RowWriter | ParquetRowWriter = ParquetRowWriter(args.output, predict_schema(predictor.classes))
-        stream = None
-    else:
-        if output:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            stream = open(output, "w", newline="", errors="backslashreplace")
-        writer = RowWriter(stream, fmt, predictor.classes)
-    drawn = 0
-    try:
-        with closing(predictor.predict_paths(good, workers=args.workers)) as results:
-            for source in progress_bar(sources, quiet=args.quiet or len(sources) < 2, desc="predicting", unit="img"):
-                result = ImageResult(path=source.path, error=source.error) if source.error else next(results)
-                for row in result.rows():
-                    writer.write(row)
-                if args.annotate and result.status != "error":
-                    drawn += _draw(result, pictures[result.path])
-    finally:
-        writer.close()
-        if stream is not None and stream is not sys.stdout:
-            stream.close()
+            if output is None:
+                raise InvalidParameterError("--format parquet needs --output FOLDER (a new folder)")
+            writer: RowWriter | ParquetRowWriter = ParquetRowWriter(args.output, predict_schema(predictor.classes))
+        else:
+            stream = stack.enter_context(atomic_output(output, "w", keep_partial=True, newline="",
+                                                       errors="backslashreplace")) if output else sys.stdout
+            writer = RowWriter(stream, fmt, predictor.classes)
+        stack.callback(writer.close)
+        try:
+            with closing(predictor.predict_paths(good, workers=args.workers)) as results:
+                for source in progress_bar(sources, quiet=args.quiet or len(sources) < 2, desc="predicting",
+                                           unit="img"):
+                    result = ImageResult(path=source.path, error=source.error) if source.error else next(results)
+                    for row in result.rows():
+                        writer.write(row)
+                    if args.annotate and result.status != "error":
+                        drawn += _draw(result, pictures[result.path])
+                    done += 1
+        except KeyboardInterrupt:
+            where = f"the rows of those were kept in {args.output}" if output else "their rows were written"
+            raise _interrupted(f"{done} of {len(sources)} images done; {where}", drawn, args.annotate) from None
     if args.annotate:
         _say(f"{drawn} annotated picture(s) in {args.annotate}, in the folder structure of the inputs",
              quiet=args.quiet)
     return 0
+
+
+def _interrupted(message: str, drawn: int = 0, annotate: Path | None = None) -> KeyboardInterrupt:
+    """The Ctrl-C of a run that kept its finished work: `message` says what was done and where it is."""
+    from facerace.errors import Interrupted
+
+    return Interrupted(message + (f"; {drawn} annotated picture(s) in {annotate}" if annotate else ""))
 
 
 def _draw(result: ImageResult, target: Path) -> int:
@@ -442,6 +455,7 @@ def _draw(result: ImageResult, target: Path) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from facerace.apps.sources import check_output, expand
+    from facerace.errors import Interrupted
     from facerace.predictor import Predictor, embed
 
     predictor = Predictor(args.model, detector=args.detector, backbone=args.backbone,
@@ -457,8 +471,13 @@ def _embed(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".npz":  # numpy would write OUTPUT.npz, not the file named
         raise InvalidParameterError(f"embed writes a NumPy .npz file: name it *.npz, not {args.output} "
                                     f"(or pass --format parquet for a Parquet folder)")
-    result = embed(good, predictor, progress=not args.quiet)
-    errors = [f"{s.path}: {s.error}" for s in sources if s.error] + list(result.errors)
+    listed = [f"{s.path}: {s.error}" for s in sources if s.error]
+    try:
+        result = embed(good, predictor, progress=not args.quiet)
+    except Interrupted as stop:  # the images finished before Ctrl-C are saved
+        dataclasses.replace(stop.partial, errors=(*listed, *stop.partial.errors)).save(args.output)
+        raise _interrupted(f"{stop}; their {len(stop.partial.paths)} face(s) were kept in {args.output}") from None
+    errors = [*listed, *result.errors]
     result = dataclasses.replace(result, errors=tuple(errors))
     result.save(args.output)
     _say(f"{len(result.paths)} face(s) from {len(sources) - len(errors)} image(s) -> {args.output}"
@@ -474,11 +493,15 @@ def _embed_parquet(args: argparse.Namespace, predictor: Predictor, sources: list
     from facerace.textout import progress_bar
 
     writer = ParquetRowWriter(args.output, row_schema("embed", predictor))
+    done = 0
     try:
         for source in progress_bar(sources, quiet=args.quiet or len(sources) < 2, desc="embedding", unit="img"):
             for row in (ImageResult(path=source.path, error=source.error).rows() if source.error
                         else predictor.embed_rows(source.path)):
                 writer.write(row)
+            done += 1
+    except KeyboardInterrupt:
+        raise _interrupted(f"{done} of {len(sources)} images done; their rows were kept in {args.output}") from None
     finally:
         writer.close()
     _say(f"{writer.count} row(s) from {len(sources)} image(s) -> {args.output}", quiet=args.quiet)
@@ -595,6 +618,7 @@ def _stream(args: argparse.Namespace) -> int:
 
     from facerace.apps.sources import check_output
     from facerace.apps.stream import VIDEO_SUFFIXES, stream
+    from facerace.files import atomic_output
     from facerace.predictor import Predictor
 
     predictor = Predictor(args.model, scheme=args.scheme, detector=args.detector, threshold=args.threshold)
@@ -606,9 +630,7 @@ def _stream(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"-o {rows_file}: give a video ({', '.join(VIDEO_SUFFIXES)}) or a JSON-lines "
                                     "file (.jsonl) for the rows")
     rows = bool(args.format or rows_file or not (video or args.display))
-    if rows_file:
-        rows_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(rows_file, "w") if rows_file else nullcontext(sys.stdout) as out:
+    with atomic_output(rows_file, "w", keep_partial=True) if rows_file else nullcontext(sys.stdout) as out:
         for frame in stream(args.source, predictor, output=video, display=args.display,
                             classify_every=args.classify_every, smooth=args.smooth, max_frames=args.max_frames,
                             report_every_s=None if args.quiet else 2.0):

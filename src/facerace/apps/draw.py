@@ -60,10 +60,13 @@ def annotation_paths(paths: Sequence[str], folder: Path) -> dict[str, Path]:
 
 def save_picture(img: Image.Image, target: Path) -> Path:
     """Save `img` at `target` in the format of its extension, or as `target` + ".png" where Pillow
-    cannot write that format (e.g. .heic); returns the path written."""
-    try:
-        img.save(target)
-    except (KeyError, ValueError):  # no writer for this extension
-        target = target.with_name(target.name + ".png")
-        img.save(target)
+    cannot write that format (e.g. .heic); written under a temporary name and renamed when complete;
+    returns the path written."""
+    from facerace.files import atomic_output
+
+    fmt = Image.registered_extensions().get(target.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:  # no writer for this extension
+        target, fmt = target.with_name(target.name + ".png"), "PNG"
+    with atomic_output(target, "wb") as f:
+        img.save(f, format=fmt)
     return target

@@ -36,6 +36,7 @@ from facerace.errors import InvalidParameterError, MissingDependencyError, check
 from facerace.images import IMAGE_SUFFIXES
 from facerace.predictor import Predictor
 from facerace.results import ImageResult
+from facerace.textout import utf8_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -233,8 +234,9 @@ def _missing(paths: list[str], output: str) -> set[str]:
     written = _written(output, ["path"])
     if written is None:
         return set(paths)
-    wanted = pa.array(paths, pa.string())
-    return set(wanted.filter(pc.invert(pc.is_in(wanted, value_set=written["path"]))).to_pylist())
+    stored = {utf8_text(p): p for p in paths}  # as the rows hold them (a file name's undecodable bytes escaped)
+    wanted = pa.array(list(stored), pa.string())
+    return {stored[p] for p in wanted.filter(pc.invert(pc.is_in(wanted, value_set=written["path"]))).to_pylist()}
 
 
 def run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, *, ray_address: str | None = None,

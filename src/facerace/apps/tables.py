@@ -8,11 +8,13 @@ Local paths and s3:// / gs:// URIs are both accepted (through pyarrow's file sys
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from facerace.errors import InvalidParameterError, MissingDependencyError
 from facerace.results import LANDMARK_NAMES, ROW_KEYS
+from facerace.textout import utf8_text
 from facerace.version import __version__
 
 if TYPE_CHECKING:
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 PREDICT_COLUMNS = (*ROW_KEYS, "error")
 #: Rows per row group of the local writer (and per flush of its buffer).
 ROW_GROUP = 4096
+#: The one file of the local writer.
+PART_FILE = "part-00000.parquet"
 
 
 def pyarrow() -> Any:
@@ -83,7 +87,12 @@ def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """An Arrow table of rows (missing keys become nulls, extra keys are dropped)."""
     pa = pyarrow()
     names = schema.names
-    return pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows], schema=schema)
+    return pa.Table.from_pylist([{k: _text(row.get(k)) for k in names} for row in rows], schema=schema)
+
+
+def _text(value: Any) -> Any:
+    """A string cell as valid UTF-8 (`utf8_text`: a file name's undecodable bytes as `\\udcXX`); others as they are."""
+    return utf8_text(value) if isinstance(value, str) else value
 
 
 #: How long one gs:// call may retry: google-cloud-cpp's default (15 minutes) makes a missing credential look
@@ -138,16 +147,33 @@ def new_output_folder(uri: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 class ParquetRowWriter:
-    """Writes rows to FOLDER/part-00000.parquet as they come (buffered in row groups); `close()` finishes the file."""
+    """Writes rows to FOLDER/part-00000.parquet as they come (buffered in row groups); `close()` finishes the file.
+
+    A local file is written under a hidden name (`.part-00000.parquet.partial`, which readers of the folder skip),
+    created exclusively, so a second run writing into the same folder is refused at the start; `close()` (also
+    after Ctrl-C) renames it. An object store's file appears only when it is complete.
+    """
 
     def __init__(self, folder: str | Path, schema: pa.Schema) -> None:
         import pyarrow.parquet as pq
+        from pyarrow import fs
 
         filesys, path = new_output_folder(folder)
+        self._final = f"{path}/{PART_FILE}"
+        self._partial: str | None = None
         try:
-            self._writer = pq.ParquetWriter(f"{path}/part-00000.parquet", schema, filesystem=filesys)
+            if isinstance(filesys, fs.LocalFileSystem):
+                self._partial = f"{path}/.{PART_FILE}.partial"
+                sink: Any = open(self._partial, "xb")
+            else:
+                sink = self._final
+            self._writer = pq.ParquetWriter(sink, schema, filesystem=None if self._partial else filesys)
+        except FileExistsError:
+            raise InvalidParameterError(f"{folder}: another run is writing into this folder; give a new folder so "
+                                        f"the rows of two runs do not mix") from None
         except OSError as exc:
             raise InvalidParameterError(f"{folder}: cannot write there ({exc})") from None
+        self._sink = sink if self._partial else None
         self.schema, self.count = schema, 0
         self._rows: list[dict[str, Any]] = []
 
@@ -159,12 +185,19 @@ class ParquetRowWriter:
 
     def _flush(self) -> None:
         if self._rows:
-            self._writer.write_table(to_table(self._rows, self.schema))
-            self._rows = []
+            rows, self._rows = self._rows, []
+            self._writer.write_table(to_table(rows, self.schema))
 
     def close(self) -> None:
-        self._flush()
-        self._writer.close()
+        """Write the buffered rows and finish the file (renamed to its final name)."""
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
+            if self._sink is not None:
+                self._sink.close()
+                os.replace(self._partial, self._final)
+                self._sink = None
 
 
 def read_rows(folder: str | Path, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:

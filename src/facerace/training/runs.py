@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,37 +12,63 @@ from typing import Any
 from facerace.errors import InvalidParameterError
 
 
+#: The file that claims a run folder for one run (created exclusively, so two runs never share a folder).
+CLAIM_FILE = ".facerace-run"
+
+
 def new_run_dir(out: str | Path | None, verb: str, name: str | None = None) -> Path:
     """Create the run folder: `out` if given (it must be new or empty), else `runs/<verb>/expN`
-    (or `runs/<verb>/<name>`, then `<name>-2`, ... when `name` is given)."""
+    (or `runs/<verb>/<name>`, then `<name>-2`, ... when `name` is given). The folder is claimed with an
+    exclusively created CLAIM_FILE: a second run given the same folder at the same time is refused."""
     if out is not None:
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise InvalidParameterError(f"{path} already exists and is not empty; runs are never overwritten: "
                                 f"choose another --out, or omit it to get runs/{verb}/expN")
         path.mkdir(parents=True, exist_ok=True)
+        if not _claim(path):
+            raise InvalidParameterError(f"{path}: another run is writing into this folder; runs are never "
+                                        f"overwritten: choose another --out, or omit it to get runs/{verb}/expN")
         return path
     base, n = Path("runs") / verb, 1
 
     def candidate(n: int) -> Path:
         return base / (f"exp{n}" if name is None else name if n == 1 else f"{name}-{n}")
 
-    while candidate(n).exists():
+    while True:
+        path = candidate(n)
+        try:
+            path.mkdir(parents=True)  # exclusive: a run started at the same moment takes the next number
+            if _claim(path):
+                return path
+        except FileExistsError:
+            pass
         n += 1
-    path = candidate(n)
-    path.mkdir(parents=True)
-    return path
+
+
+def _claim(path: Path) -> bool:
+    """Create `path`/CLAIM_FILE exclusively; False if another run already did."""
+    try:
+        with open(path / CLAIM_FILE, "x") as f:
+            f.write(f"{os.getpid()}\n")
+    except FileExistsError:
+        return False
+    return True
 
 
 def discard_if_empty(path: Path) -> None:
     """Remove a run folder that nothing was written into (the run failed before its first file)."""
-    if path.is_dir() and not any(path.iterdir()):
+    if path.is_dir() and not [p for p in path.iterdir() if p.name != CLAIM_FILE]:
+        (path / CLAIM_FILE).unlink(missing_ok=True)
         path.rmdir()
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Write indented JSON (with a trailing newline)."""
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Write indented JSON (with a trailing newline) under a temporary name, renamed when complete."""
+    from facerace.files import atomic_output
+
+    with atomic_output(path, "w") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
     return path
 
 
@@ -61,8 +88,6 @@ def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                import os
-
                 return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
     except OSError:
         pass
