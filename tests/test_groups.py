@@ -237,4 +237,19 @@ def test_datasets_check_counts_per_race_and_gender(tmp_path):
     assert report["splits"]["val"]["per_race_gender"] == {"Black": {"Female": 2, "Male": 1},
                                                          "Indian": {"Male": 1, "unknown": 1}}
     code, out, _ = run_cli("datasets", "check", f"fairface:{root}", "--quiet")
-    assert code == 0 and "class x gender: Black: Female 2, Male 1; Indian: Male 1, unknown 1" in out
+    assert code == 0 and "class x gender:\n    Black: Female 2, Male 1\n    Indian: Male 1, unknown 1\n" in out
+
+
+def test_one_gender_is_never_counted_as_two_groups(tmp_path):
+    from conftest import FIXTURES
+
+    from facerace.training.datasets import open_dataset, race_gender_counts
+
+    genders = ["f", "Female", " WOMAN", "male", "", "N/A", "nonbinary"]
+    lines = ["path,label,gender"]
+    for i, gender in enumerate(genders):
+        shutil.copy(FIXTURES / "354.jpg", tmp_path / f"{i}.jpg")
+        lines.append(f"{i}.jpg,Black,{gender}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    ds = open_dataset(f"csv:{tmp_path / 'labels.csv'}", "all")
+    assert race_gender_counts(ds.samples) == {"Black": {"Female": 3, "Male": 1, "nonbinary": 1, "unknown": 2}}

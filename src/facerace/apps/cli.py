@@ -688,8 +688,8 @@ def _datasets(args: argparse.Namespace) -> int:
             if r[key]:
                 _show(f"  {key.removeprefix('per_')}: " + ", ".join(f"{k} {v:,}" for k, v in r[key].items()))
         if r["per_race_gender"]:
-            _show("  class x gender: " + "; ".join(f"{c}: " + ", ".join(f"{g} {n:,}" for g, n in row.items())
-                                                   for c, row in r["per_race_gender"].items()))
+            _show("  class x gender:\n" + "\n".join(f"    {c}: " + ", ".join(f"{g} {n:,}" for g, n in row.items())
+                                                    for c, row in r["per_race_gender"].items()))
     problems = report["problems"]
     print(f"{len(problems)} problem(s)" + (":" if problems else ""))
     for line in problems:

@@ -8,6 +8,8 @@ A dataset is named `KIND:PATH`:
 - `folder:DIR`    one sub-folder per class (`DIR/White/*.jpg`, ...), or `DIR/<split>/<class>/`.
 - `csv:FILE`      a CSV with a path column and a label column (see `open_dataset`), and
   optionally `split`, `gender` and `age` columns; relative paths are against the CSV's folder.
+  Genders read as "Female"/"Male" whatever their usual spelling (f, woman, MALE); an empty cell,
+  "unknown" or "N/A" is an unknown gender.
 
 Class names of `folder` and `csv` data are matched to the label schemes (case, spaces and
 underscores ignored; "Latino", "Hispanic", "Other" accepted), and the finest scheme that
@@ -122,6 +124,19 @@ def canonical_label(name: str) -> str | None:
     return names.get(_norm(name)) or _ALIASES.get(_norm(name))
 
 
+_GENDERS = {"f": "Female", "female": "Female", "woman": "Female", "women": "Female", "w": "Female",
+            "m": "Male", "male": "Male", "man": "Male", "men": "Male"}
+
+
+def canonical_gender(raw: str | None) -> str | None:
+    """"Female" or "Male" for their usual spellings (f, woman, MALE, ...), None for an empty cell, "unknown"
+    or "?"; any other label as given (spaces trimmed), so that one gender is never counted as two groups."""
+    text = (raw or "").strip()
+    if _norm(text) in ("", "unknown", "na", "none", "null"):
+        return None
+    return _GENDERS.get(_norm(text), text)
+
+
 def infer_scheme(labels: set[str], source: str) -> str:
     """The finest scheme whose classes include every label."""
     from facerace.labels import SCHEMES
@@ -144,7 +159,7 @@ def _labelled(kind: str, root: Path, split: str, rows: list[tuple[Path, str, str
         elif not path.is_file():
             problems.append(f"{where}: {path} is missing")
         else:
-            samples.append(Sample(path, label, gender, age))
+            samples.append(Sample(path, label, canonical_gender(gender), age or None))
     if not samples:
         raise DatasetError(f"{root}: no usable labelled images" + (f"; first problem: {problems[0]}" if problems else ""))
     return Dataset(kind, root, split, infer_scheme({s.label for s in samples}, str(root)), 0.25, samples, problems)
@@ -220,7 +235,7 @@ def read_fairface(root: Path, split: str) -> Dataset:
         elif not path.is_file():
             problems.append(f"{label_file.name}:{line}: {row['file']} is missing")
         else:
-            samples.append(Sample(path, row["race"], row.get("gender") or None, row.get("age") or None))
+            samples.append(Sample(path, row["race"], canonical_gender(row.get("gender")), row.get("age") or None))
     if not samples and problems:
         raise DatasetError(f"none of the images listed in {label_file} exist: {problems[0]}. "
                            + _fairface_images_hint(root, problems[0]))
