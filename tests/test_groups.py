@@ -192,8 +192,8 @@ def test_training_mix_in_config_summary_and_model_card(mixed_model):
     card = write_model_card(mixed_model, config, [], "python scripts/build_model.py default").read_text()
     assert "| class | women | men | all |" in card and "| Middle Eastern | 1,331 | 2,969 | 4,300 |" in card
     assert "| all | 12,011 | 18,089 | 30,100 |" in card
-    assert "Women are fewer in the training data (40% of the faces of known gender)" in card
-    assert "smallest class x gender group is Middle Eastern women (1,331 faces)" in card
+    assert "Women are fewer in the training data (40% of the faces of known gender)." in card
+    assert "The smallest class x gender group is Middle Eastern women (1,331 faces)" in card
     assert "male faces only**" not in card
     old = ModelConfig.from_dict({**config.to_dict(), "training_mix": None})  # a model saved before the mix was kept
     assert "not recorded" in write_model_card(mixed_model, old, [], "x").read_text()

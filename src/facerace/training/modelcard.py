@@ -147,18 +147,20 @@ def training_mix_markdown(config: ModelConfig) -> list[str]:
     lines += [f"| {md(c)} | " + " | ".join(f"{row.get(g, 0):,}" for g in genders) + f" | {sum(row.values()):,} |"
               for c, row in mix["per_race_gender"].items()]
     lines += ["| all | " + " | ".join(f"{mix['per_gender'][g]:,}" for g in genders) + f" | {total:,} |", ""]
-    cells = [(n, c, g) for c, row in mix["per_race_gender"].items() for g, n in row.items() if g != "unknown"]
     known = {g: n for g, n in mix["per_gender"].items() if g != "unknown"}
+    if len(known) == 1:
+        return lines + [f"- Trained on {md(gender_words(next(iter(known))))} only: accuracy on other faces is not "
+                        "measured by its held-out training faces."]
+    fewest = min(known, key=lambda g: known[g]) if known else ""
+    if fewest and known[fewest] < max(known.values()):
+        lines.append(f"- {md(gender_words(fewest)).capitalize()} are fewer in the training data "
+                     f"({known[fewest] / sum(known.values()):.0%} of the faces of known gender).")
+    cells = [(n, c, g) for c, row in mix["per_race_gender"].items() for g, n in row.items() if g != "unknown"]
     if len(known) > 1 and cells:
-        fewest = min(known, key=lambda g: known[g])
         n, c, g = min(cells)
-        lines += [f"- {md(gender_words(fewest)).capitalize()} are fewer in the training data "
-                  f"({known[fewest] / sum(known.values()):.0%} of the faces of known gender), and the smallest "
-                  f"class x gender group is {md(c)} {md(gender_words(g))} ({n:,} faces): expect the model to be "
-                  "less accurate for the smaller groups, and read each group's measured accuracy below."]
-    elif len(known) == 1:
-        lines += [f"- Trained on {md(gender_words(next(iter(known))))} only: accuracy on other faces is not "
-                  "measured by its held-out training faces."]
+        lines.append(f"- The smallest class x gender group is {md(c)} {md(gender_words(g))} ({n:,} faces): expect "
+                     "the model to be less accurate for the smaller groups, and read each group's measured "
+                     "accuracy below.")
     return lines
 
 
