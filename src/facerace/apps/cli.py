@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     from facerace.faces import MAX_FACES, MIN_FACE
     from facerace.head import HeadParams
     from facerace.labels import SCHEMES
-    from facerace.quantify import ADJUSTED, METHODS
+    from facerace.quantify import ADJUSTED, MAX_REPLICATES, METHODS
     from facerace.training.config import TrainConfig
     from facerace.version import __version__
 
@@ -134,8 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="the composition of a photo collection per group, with adjusted estimates "
                                       "and 95%% intervals")
     au.add_argument("paths", nargs="*", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
-    au.add_argument("--out", "-o", type=Path, required=True, metavar="DIR",
-                    help="new folder for composition.csv/.json/.png, faces.jsonl and report.md")
+    au.add_argument("--out", "-o", type=Path, metavar="DIR",
+                    help="new folder for composition.csv/.json/.png, faces.jsonl and report.md "
+                         "(default runs/audit/expN)")
     au.add_argument("--by", default="none", help="group by: none (default), folder (the folder holding each "
                                                  "image) or a column of the input CSVs / the --from file")
     au.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
@@ -149,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
                          ".parquet file or Parquet folder) instead of PATHs")
     au.add_argument("--column", help="CSV column holding paths (default: path or file); they must stay inside "
                                      "the CSV's folder")
-    au.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per interval (default 1000)")
+    au.add_argument("--replicates", type=int, default=1000,
+                    help=f"bootstrap replicates per interval, 1 to {MAX_REPLICATES:,} (default 1000)")
     _engine(au)
     au.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
@@ -587,15 +589,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from facerace.apps.audit import Engine, audit
+    from facerace.training.runs import next_run_dir
 
     engine = Engine("ray" if _engine_is_ray(args) else "local", args.ray_address, args.workers)
-    result = audit(args.paths, out=args.out, by=args.by, scheme=args.scheme, model=args.model, method=args.method,
+    result = audit(args.paths, out=args.out or next_run_dir("audit"), by=args.by, scheme=args.scheme, model=args.model, method=args.method,
                    detector=args.detector, predictions=args.predictions, column=args.column, engine=engine,
                    replicates=args.replicates, quiet=args.quiet)
     everything = result.groups[0]
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in everything.skipped.items())
     _say(f"{everything.faces} faces from {result.images} images ({skipped}) in {max(1, len(result.groups) - 1)} "
-         f"group(s); method {result.method_used}: {args.out}/report.md", quiet=args.quiet)
+         f"group(s); method {result.method_used}: {printable(result.folder)}/report.md", quiet=args.quiet)
     return 0
 
 
