@@ -267,3 +267,133 @@ def test_ctrl_c_in_embed_keeps_the_finished_embeddings(monkeypatch, faces, tmp_p
     assert code == 130 and "2 of 5 images embedded" in err, err
     with np.load(tmp_path / "e.npz") as npz:
         assert len(npz["paths"]) == 2
+
+
+# -- 11: only the listed decoders ----------------------------------------------------------------------------
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n")
+
+
+@pytest.fixture()
+def decoders_used(monkeypatch) -> list[str]:
+    """Every Pillow plugin asked whether it can read a file (its `accept` check, or its opener), by format."""
+    from PIL import Image
+
+    Image.init()
+    used: list[str] = []
+    for name, (factory, accept) in list(Image.OPEN.items()):
+        def opener(*args, _factory=factory, _name=name, **kwargs):
+            used.append(_name)
+            return _factory(*args, **kwargs)
+
+        def check(prefix, _accept=accept, _name=name):
+            used.append(_name)
+            return _accept(prefix)
+
+        monkeypatch.setitem(Image.OPEN, name, (opener, check if accept else None))
+    return used
+
+
+def test_an_eps_named_jpg_never_reaches_a_decoder_the_readme_does_not_list(tmp_path, decoders_used):
+    from fastapi.testclient import TestClient
+
+    from facerace.apps.serve.app import create_app
+    from facerace.images import DECODERS
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(EPS)
+    code, out, err = run_cli("predict", photo, "--format", "jsonl", "--workers", "1", "-q")
+    assert code == 0 and '"status": "error"' in out and "not an image" in out, err
+    r = TestClient(create_app()).post("/v1/analyze", files={"file": ("photo.jpg", EPS, "image/jpeg")})
+    assert r.status_code == 422 and "not an image" in r.json()["detail"]
+    assert decoders_used and set(decoders_used) <= set(DECODERS), set(decoders_used) - set(DECODERS)
+    readme = (ROOT / "README.md").read_text()
+    assert "JPEG, PNG, BMP, GIF,\n  WebP, TIFF, PPM/PGM, HEIC/HEIF (`pillow-heif`) and AVIF are read" in readme \
+        or "JPEG, PNG, BMP, GIF, WebP, TIFF, PPM/PGM, HEIC/HEIF" in readme.replace("\n  ", " ")
+
+
+# -- 10: model folders ---------------------------------------------------------------------------------------
+
+def _model(tmp_path, **changes) -> Path:
+    """A copy of the shipped model with config.json changed (None removes a key)."""
+    import json
+
+    from facerace.model import shipped_dir
+
+    folder = tmp_path / "model"
+    if not folder.exists():
+        shutil.copytree(shipped_dir("default"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _sha(path: Path) -> str:
+    from facerace.files import sha256_file
+
+    return sha256_file(path)
+
+
+def _integrity_error(call, *names: str):
+    from facerace.errors import ModelIntegrityError
+
+    with pytest.raises(ModelIntegrityError) as caught:
+        call()
+    message = str(caught.value)
+    assert len(message) < 600 and all(n in message for n in names), message
+    return message
+
+
+def test_every_file_a_model_config_names_stays_inside_the_model_folder(tmp_path):
+    from facerace.model import load_config, load_heldout, load_model, training_digests
+
+    secret = tmp_path / "secret.safetensors"
+    shutil.copy(ROOT / "src/facerace/weights/default/heldout.safetensors", secret)
+    for value in ("../secret.safetensors", str(secret), "link.safetensors"):
+        folder = _model(tmp_path / value.replace("/", "_"), heldout=value, heldout_sha256=_sha(secret))
+        (folder / "link.safetensors").symlink_to(secret)
+        _integrity_error(lambda: load_heldout(folder, load_config(folder)), "heldout")
+    for key, sha in (("weights", "sha256"), ("training_files", "training_files_sha256")):
+        folder = _model(tmp_path / key, **{key: "link", sha: _sha(secret)})
+        (folder / "link").symlink_to(secret)
+        _integrity_error(lambda: load_model(folder) and training_digests(folder, load_config(folder)), key)
+
+
+def test_a_damaged_heldout_file_is_a_short_integrity_error_naming_it(tmp_path):
+    from safetensors.numpy import save_file
+
+    from facerace.model import load_config, load_heldout
+
+    cases = {"no_labels": {"probabilities": np.full((4, 7), 1 / 7, np.float32)},
+             "nan": {"probabilities": np.full((4, 7), np.nan, np.float32), "labels": np.zeros(4, np.int32)},
+             "shape": {"probabilities": np.full((4, 3), 1 / 3, np.float32), "labels": np.zeros(4, np.int32)},
+             "label": {"probabilities": np.full((4, 7), 1 / 7, np.float32), "labels": np.full(4, 9, np.int32)}}
+    for name, tensors in cases.items():
+        folder = _model(tmp_path / name)
+        save_file(tensors, str(folder / "h.safetensors"))
+        _model(tmp_path / name, heldout="h.safetensors", heldout_sha256=_sha(folder / "h.safetensors"))
+        _integrity_error(lambda: load_heldout(folder, load_config(folder)), "h.safetensors")
+
+
+def test_training_files_of_another_dtype_or_shape_is_an_integrity_error(tmp_path):
+    from facerace.model import load_config, training_digests
+
+    for name, array in (("float", np.zeros(3)), ("matrix", np.zeros((2, 2), np.uint64))):
+        folder = _model(tmp_path / name)
+        np.save(folder / "t.npy", array)
+        _model(tmp_path / name, training_files="t.npy", training_files_sha256=_sha(folder / "t.npy"))
+        _integrity_error(lambda: training_digests(folder, load_config(folder)), "t.npy")
+
+
+def test_a_hostile_config_json_is_a_short_integrity_error(tmp_path):
+    from facerace.model import load_config, load_model
+
+    folder = _model(tmp_path)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    _integrity_error(lambda: load_config(folder), "config.json")
+    folder = _model(tmp_path / "many", classes=[f"class{i}" for i in range(1_000_000)])
+    _integrity_error(lambda: load_model(folder), "config.json")
+    folder = _model(tmp_path / "more", classes=[f"c{i}" for i in range(5000)])
+    _integrity_error(lambda: load_model(folder), "config.json", "classes")
