@@ -397,3 +397,27 @@ def test_a_hostile_config_json_is_a_short_integrity_error(tmp_path):
     _integrity_error(lambda: load_model(folder), "config.json")
     folder = _model(tmp_path / "more", classes=[f"c{i}" for i in range(5000)])
     _integrity_error(lambda: load_model(folder), "config.json", "classes")
+
+
+# -- 19: annotation labels inside the picture ----------------------------------------------------------------
+
+def test_annotate_labels_stay_inside_small_pictures(tmp_path):
+    from PIL import ImageDraw
+
+    from facerace.apps.draw import annotate, label_layout, label_size
+    from facerace.results import FaceResult
+
+    for side in (48, 96, 160, 224, 640):
+        img = np.full((side, side, 3), 90, np.uint8)
+        boxes = [(0, 0, side, side), (side - side // 4, side // 3, side // 4, side // 4),
+                 (side // 3, side - side // 5, side // 5, side // 5)]
+        faces = [FaceResult(box, label="Latino_Hispanic", confidence=0.38, uncertain=True) for box in boxes]
+        annotate(img, faces).save(tmp_path / f"annotated-{side}.png")
+        draw = ImageDraw.Draw(annotate(img, []))
+        text = "Latino_Hispanic 38% (uncertain)"
+        for box in boxes:
+            short = "Latino_Hispanic 38% ?"
+            (left, top), shown, font = label_layout(draw, (text, short), box, (side, side), max(8, side // 40), 1)
+            width, height = label_size(draw, shown, font)
+            assert 0 <= left and left + width + 2 <= side and 0 <= top and top + height + 2 <= side, (side, box)
+            assert shown == text or (side < 160 and shown == short) or side < 96, (side, shown)
