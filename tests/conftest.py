@@ -167,3 +167,30 @@ def tiny_fairface(tmp_path_factory):
                 lines.append(f"{name},{r['age']},{r['gender']},{r['race']},False")
         (root / f"fairface_label_{split}.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def synthetic_heldout(k: int = 7, per_class: int = 20):
+    """Held-out faces (quantify.HeldOut) of a model that gives its true class 0.6 and spreads the rest evenly."""
+    from facerace.quantify import HeldOut
+
+    probs = np.full((k * per_class, k), 0.4 / (k - 1))
+    labels = np.repeat(np.arange(k), per_class)
+    probs[np.arange(len(labels)), labels] = 0.6
+    return HeldOut(probs, labels)
+
+
+@pytest.fixture(scope="module")
+def model_with_heldout(tmp_path_factory):
+    """The shipped default's head and config plus synthetic held-out statistics (audit tests)."""
+    import json
+    import shutil
+
+    from facerace.model import CONFIG_FILE, HELDOUT_FILE, ModelConfig, load_config, resolve, save_heldout
+
+    folder = tmp_path_factory.mktemp("model") / "m"
+    shutil.copytree(resolve("default"), folder)
+    (folder / HELDOUT_FILE).unlink(missing_ok=True)
+    digest = save_heldout(folder / HELDOUT_FILE, synthetic_heldout())
+    config = ModelConfig.from_dict({**load_config(folder).to_dict(), "heldout": HELDOUT_FILE, "heldout_sha256": digest})
+    (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    return folder

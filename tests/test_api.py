@@ -28,7 +28,7 @@ def test_cli_flags_are_api_parameters():
     api = _params(predictor.Predictor) | _params(predictor.Predictor.predict_paths) | _params(sources.expand)
     ray = _params(ray_engine.run)  # --engine ray
     assert _flags("predict") - {"format", "output", "annotate", "paths", "quiet", "engine"} <= api | ray
-    engine = {"engine", "ray_address", "workers"}  # audit(engine=Engine(kind, ray_address, workers))
+    engine = {"engine", "ray_address", "workers", "detector", "column"}  # audit(engine=Engine(kind, ...))
     assert _flags("audit") - {"quiet"} - engine <= _params(audit) and engine - {"engine"} <= _params(Engine)
     assert _flags("embed") - {"output", "quiet", "format", "engine"} <= _params(predictor.Predictor) \
         | _params(sources.expand) | {"paths"} | ray

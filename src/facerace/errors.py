@@ -74,6 +74,14 @@ class SmallGroupWarning(FaceraceWarning):
     """An audited group has too few faces (or none) for a useful estimate: its intervals are wide."""
 
 
+class ShiftWarning(FaceraceWarning):
+    """An audited collection's faces look unlike the model's held-out faces: the adjusted estimate may be biased."""
+
+
+class LabelsWarning(FaceraceWarning):
+    """A labelled sample given to an audit has rows that cannot be used, or a group has few or no labels."""
+
+
 def check_choice(name: str, value: str, allowed: list[str] | tuple[str, ...]) -> str:
     """Return `value` if it is in `allowed`, else raise InvalidParameterError with a hint."""
     if value in allowed:

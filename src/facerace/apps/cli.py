@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     from facerace.faces import MAX_FACES, MIN_FACE
     from facerace.head import HeadParams
     from facerace.labels import SCHEMES
-    from facerace.quantify import ADJUSTED, MAX_REPLICATES, METHODS
+    from facerace.apps.audit import AUDIT_METHODS
+    from facerace.quantify import ADJUSTED
     from facerace.training.config import TrainConfig
     from facerace.version import __version__
 
@@ -134,24 +135,31 @@ def _parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="the composition of a photo collection per group, with adjusted estimates "
                                       "and 95%% intervals")
     au.add_argument("paths", nargs="*", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
-    au.add_argument("--out", "-o", type=Path, metavar="DIR",
-                    help="new folder for composition.csv/.json/.png, faces.jsonl and report.md "
-                         "(default runs/audit/expN)")
+    au.add_argument("--out", "-o", type=Path, required=True, metavar="DIR",
+                    help="new folder for composition.csv/.json/.png, faces.jsonl and report.md")
     au.add_argument("--by", default="none", help="group by: none (default), folder (the folder holding each "
                                                  "image) or a column of the input CSVs / the --from file")
     au.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
     au.add_argument("--model", default="default", help="shipped model name or model/run folder")
-    au.add_argument("--method", default="adjusted", choices=METHODS,
-                    help=f"adjusted (default; = {ADJUSTED}), pacc, em, count (share of predicted labels) or "
+    au.add_argument("--method", choices=AUDIT_METHODS,
+                    help=f"validated (the default with --labels: the labelled sample corrects the model), adjusted "
+                         f"(the default without; = {ADJUSTED}), pacc, em, count (share of predicted labels) or "
                          "probability (mean probability); see docs")
+    au.add_argument("--labels", type=Path, metavar="FILE",
+                    help="CSV of path,label[,face] for a uniform random sample of the audited faces (paths relative "
+                         "to the CSV's folder, or absolute; labels of the audit's scheme or a finer one): the "
+                         "estimate then holds on this collection however its photos differ from the training ones")
+    au.add_argument("--sample", type=int, metavar="N",
+                    help="draw N faces per group uniformly at random (seeded) to label: sample.csv and the faces' "
+                         "crops in --out; label them with `facerace label DIR`, then re-run with --labels. It must "
+                         "be a uniform random sample: hand-picked or skipped faces break the estimate's guarantee")
     au.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
     au.add_argument("--from", dest="predictions", type=Path, metavar="FILE",
                     help="per-face rows of an earlier `facerace predict` run with this --model (.jsonl, .csv, "
                          ".parquet file or Parquet folder) instead of PATHs")
     au.add_argument("--column", help="CSV column holding paths (default: path or file); they must stay inside "
                                      "the CSV's folder")
-    au.add_argument("--replicates", type=int, default=1000,
-                    help=f"bootstrap replicates per interval, 1 to {MAX_REPLICATES:,} (default 1000)")
+    au.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per interval (default 1000)")
     _engine(au)
     au.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
@@ -175,6 +183,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--detector", help="face detector (default: the model's)")
     st.add_argument("--threshold", type=float,
                     help="confidence below which a face is uncertain (default: the model's, for the scheme)")
+
+    lb = sub.add_parser("label", help="label an audit's sample (from --sample) face by face in a local web page")
+    lb.add_argument("folder", type=Path, metavar="OUT_DIR", help="the audit folder holding sample.csv; answers go to "
+                                                                 "labels.csv there, saved after each one")
+    lb.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    lb.add_argument("--port", type=int, default=8765, help="TCP port to listen on")
+    lb.add_argument("--scheme", help=f"classes to choose from: {', '.join(SCHEMES)} (default: the audit's)")
 
     sv = sub.add_parser("serve", help="run the HTTP API and web page")
     sv.add_argument("--host", default="127.0.0.1",
@@ -318,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_warnings(args.command)
     try:
         verbs = {"predict": _predict, "train": _train, "evaluate": _evaluate, "models": _models, "datasets": _datasets,
-                 "serve": _serve, "stream": _stream,
+                 "serve": _serve, "stream": _stream, "label": _label,
                  "embed": _embed, "export": _export, "audit": _audit}
         return verbs[args.command](args)
     except USAGE_ERRORS as exc:
@@ -589,16 +604,21 @@ def _export(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from facerace.apps.audit import Engine, audit
-    from facerace.training.runs import next_run_dir
 
-    engine = Engine("ray" if _engine_is_ray(args) else "local", args.ray_address, args.workers)
-    result = audit(args.paths, out=args.out or next_run_dir("audit"), by=args.by, scheme=args.scheme, model=args.model, method=args.method,
-                   detector=args.detector, predictions=args.predictions, column=args.column, engine=engine,
-                   replicates=args.replicates, quiet=args.quiet)
+    engine = Engine("ray" if _engine_is_ray(args) else "local", args.ray_address, args.workers, args.detector,
+                    args.column)
+    result = audit(args.paths, out=args.out, by=args.by, scheme=args.scheme, model=args.model, method=args.method,
+                   predictions=args.predictions, engine=engine, replicates=args.replicates, labels=args.labels,
+                   sample=args.sample, quiet=args.quiet)
     everything = result.groups[0]
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in everything.skipped.items())
-    _say(f"{everything.faces} faces from {result.images} images ({skipped}) in {max(1, len(result.groups) - 1)} "
-         f"group(s); method {result.method_used}: {printable(result.folder)}/report.md", quiet=args.quiet)
+    labelled = f", {everything.labelled} labelled" if result.labels is not None else ""
+    _say(f"{everything.faces} faces{labelled} from {result.images} images ({skipped}) in "
+         f"{max(1, len(result.groups) - 1)} group(s); method {result.method_used}: {args.out}/report.md",
+         quiet=args.quiet)
+    if result.sampled is not None:
+        _say(f"{sum(result.sampled.values())} faces to label in {args.out}/sample.csv: label them with `facerace "
+             f"label {args.out}`, then run this audit again with --labels {args.out}/labels.csv")
     return 0
 
 
@@ -661,6 +681,22 @@ def _serve(args: argparse.Namespace) -> int:
     _say(f"facerace serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops", quiet=args.quiet)
     uvicorn.run("facerace.apps.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, **uvicorn_options(args.max_connections, quiet=args.quiet))
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from facerace.apps.label.app import create_app
+    from facerace.apps.serve.server import uvicorn_options
+
+    app = create_app(args.folder, args.scheme, hosts=(args.host,))  # a folder without a sample stops here
+    _check_port(args.host, args.port)
+    store = app.state.store
+    _say(f"labelling {store.state()['total']} faces ({store.state()['answered']} done) at "
+         f"http://{args.host}:{args.port}/ ; every answer is saved to {args.folder / 'labels.csv'}; Ctrl-C stops",
+         quiet=args.quiet)
+    uvicorn.run(app, host=args.host, port=args.port, **uvicorn_options(quiet=args.quiet))
     return 0
 
 
