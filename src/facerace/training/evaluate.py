@@ -46,7 +46,11 @@ def evaluate(
 
     `scheme` defaults to the finest scheme both label sets map onto (fairface7 on
     FairFace, utk5 for a fairface7 model on UTKFace); probabilities and true labels are
-    both mapped onto it through the explicit tables in `facerace.labels`. Warns (FaceraceWarning, also
+    both mapped onto it through the explicit tables in `facerace.labels`. Beside overall accuracy the metrics
+    give the worst race x gender group (`worst_group`), the gap between genders (`gender_gap`), ECE per gender
+    and tables per gender, age group, race x gender and age group x gender (`metrics.subgroup_metrics`).
+    predictions.csv, metrics.json and report.md are written before the plots; a plot that fails is a
+    warning (also in "warnings"), never a lost evaluation. Warns (FaceraceWarning, also
     listed under "warnings" in metrics.json and report.md) when evaluated images are among the model's
     training images, or when the dataset has no split `split` and all of its images are evaluated.
     """
