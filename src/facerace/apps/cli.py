@@ -554,7 +554,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                       path_column=args.path_column, label_column=args.label_column,
                       cache_dir=args.cache_dir, workers=args.workers, quiet=args.quiet)
     from facerace.model import gender_words
-    from facerace.training.modelcard import headline, rate
+    from facerace.training.modelcard import f1_text, headline, rate
 
     _show(f"{m['data']['spec']} ({m['data']['split']}), scheme {m['scheme']}, n={m['n']}")
     _show("\n".join(headline(m)) + f"\nmacro-F1 {m['macro_f1']:.3f}  loss {m['loss']:.3f}  ECE {m['ece']:.3f}")
@@ -563,7 +563,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"{'class':<18}{'support':>8}  {'recall (95% CI)':<36}{'precision (95% CI)':<36}{'f1':>6}")
     for name, c in m["per_class"].items():
         print(f"{name:<18}{c['support']:>8}  {_short_rate(c['correct'], c['support'], c['recall_ci95']):<36}"
-              f"{_short_rate(c['correct'], c['predicted'], c['precision_ci95']):<36}{c['f1']:>6.3f}")
+              f"{_short_rate(c['correct'], c['predicted'], c['precision_ci95'], 'prediction'):<36}{f1_text(c):>6}")
     if m["per_race_gender"]:
         print(f"{'class x gender':<32}{'n':>7}  accuracy (95% CI)")
         for name, row in m["per_race_gender"].items():
@@ -578,13 +578,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _short_rate(k: int, n: int, ci: list[float] | None) -> str:
-    """A rate as `62.3% (60.5-64.0%; 1,788/2,871)`, or "too few to measure" below the group minimum."""
-    from facerace.training.metrics import MIN_GROUP_FACES
+def _short_rate(k: int, n: int, ci: list[float] | None, noun: str = "face") -> str:
+    """A rate as `62.3% (60.5-64.0%; 1,788/2,871)`, or "too few to measure (12 faces)" below the group minimum."""
+    from facerace.training.metrics import MIN_GROUP_FACES, wilson
+    from facerace.training.modelcard import too_few
 
     if n < MIN_GROUP_FACES:
-        return f"too few to measure ({k:,}/{n:,})"
-    return f"{k / n:.1%} ({ci[0]:.1%}-{ci[1]:.1%}; {k:,}/{n:,})" if ci else f"{k / n:.1%} ({k:,}/{n:,})"
+        return too_few(n, noun)
+    low, high = ci or wilson(k, n)
+    return f"{k / n:.1%} ({low:.1%}-{high:.1%}; {k:,}/{n:,})"
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -25,11 +25,19 @@ def rate(k: int, n: int, ci: list[float] | None) -> str:
     return "-" if not n else f"{k / n:.1%} ({k:,} of {n:,}; 95% CI {interval(ci)})"
 
 
-def group_rate(k: int, n: int, ci: list[float] | None = None) -> str:
-    """`rate`, or "too few to measure (12 faces)" for a group of fewer than MIN_GROUP_FACES faces."""
-    if n < MIN_GROUP_FACES:
-        return f"too few to measure ({n:,} face{'s' if n != 1 else ''})"
-    return rate(k, n, ci or wilson(k, n))
+def too_few(n: int, noun: str = "face") -> str:
+    """What a group of fewer than MIN_GROUP_FACES faces gets instead of a rate: "too few to measure (12 faces)"."""
+    return f"too few to measure ({n:,} {noun}{'s' if n != 1 else ''})"
+
+
+def group_rate(k: int, n: int, ci: list[float] | None = None, noun: str = "face") -> str:
+    """`rate`, or `too_few` for a group of fewer than MIN_GROUP_FACES faces (or predictions: `noun`)."""
+    return too_few(n, noun) if n < MIN_GROUP_FACES else rate(k, n, ci or wilson(k, n))
+
+
+def f1_text(v: dict[str, Any]) -> str:
+    """A class's F1, or "-" when its recall or precision rests on fewer than MIN_GROUP_FACES faces."""
+    return f"{v['f1']:.3f}" if min(v["support"], v["predicted"]) >= MIN_GROUP_FACES else "-"
 
 
 def headline(m: dict[str, Any], text: Callable[[object], str] = str) -> list[str]:
@@ -49,8 +57,8 @@ def headline(m: dict[str, Any], text: Callable[[object], str] = str) -> list[str
         lines.append(f"gap between genders: not measured (needs two genders of >= {m['min_group_faces']} faces)")
     if m["ece_per_gender"]:
         lines.append("calibration error (ECE, 15 bins) per gender: " + ", ".join(
-            f"{text(g)} " + (f"{e:.3f}" if e is not None else "too few to measure")
-            + f" (n = {m['per_gender'][g]['n']:,})" for g, e in m["ece_per_gender"].items()))
+            f"{text(g)} " + (f"{e:.3f} (n = {m['per_gender'][g]['n']:,})" if e is not None
+                             else too_few(m["per_gender"][g]["n"])) for g, e in m["ece_per_gender"].items()))
     return lines
 
 
@@ -82,7 +90,7 @@ def evaluation_markdown(m: dict[str, Any]) -> list[str]:
         lines += ["Merged for this score: " + "; ".join(f"{k} = {' + '.join(v)}" for k, v in m["merged"].items()), ""]
     lines += ["| class | support | recall (95% CI) | precision (95% CI) | F1 |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {v['support']:,} | {group_rate(v['correct'], v['support'], v['recall_ci95'])} "
-              f"| {group_rate(v['correct'], v['predicted'], v['precision_ci95'])} | {v['f1']:.3f} |"
+              f"| {group_rate(v['correct'], v['predicted'], v['precision_ci95'], 'prediction')} | {f1_text(v)} |"
               for c, v in m["per_class"].items()]
     lines += _group_tables(m)
     env = m.get("environment", {})
@@ -112,7 +120,7 @@ def _group_tables(m: dict[str, Any]) -> list[str]:
                   "among faces of that gender predicted as the class.", "",
                   "| class | gender | n | accuracy (95% CI) | precision (95% CI) |", "|---|---|---|---|---|"]
         lines += [f"| {c} | {md(g)} | {v['n']:,} | {group_rate(v['correct'], v['n'], v['accuracy_ci95'])} "
-                  f"| {group_rate(v['correct'], v['predicted'], v['precision_ci95'])} |"
+                  f"| {group_rate(v['correct'], v['predicted'], v['precision_ci95'], 'prediction')} |"
                   for c, row in m["per_race_gender"].items() for g, v in row.items()]
     if m.get("per_age_gender"):
         lines += ["", "| age group | gender | n | accuracy (95% CI) | macro-F1 |", "|---|---|---|---|---|"]
