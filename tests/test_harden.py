@@ -267,3 +267,207 @@ def test_ctrl_c_in_embed_keeps_the_finished_embeddings(monkeypatch, faces, tmp_p
     assert code == 130 and "2 of 5 images embedded" in err, err
     with np.load(tmp_path / "e.npz") as npz:
         assert len(npz["paths"]) == 2
+
+
+# -- 11: only the listed decoders ----------------------------------------------------------------------------
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n")
+
+
+@pytest.fixture()
+def decoders_used(monkeypatch) -> list[str]:
+    """Every Pillow plugin asked whether it can read a file (its `accept` check, or its opener), by format."""
+    from PIL import Image
+
+    Image.init()
+    used: list[str] = []
+    for name, (factory, accept) in list(Image.OPEN.items()):
+        def opener(*args, _factory=factory, _name=name, **kwargs):
+            used.append(_name)
+            return _factory(*args, **kwargs)
+
+        def check(prefix, _accept=accept, _name=name):
+            used.append(_name)
+            return _accept(prefix)
+
+        monkeypatch.setitem(Image.OPEN, name, (opener, check if accept else None))
+    return used
+
+
+def test_an_eps_named_jpg_never_reaches_a_decoder_the_readme_does_not_list(tmp_path, decoders_used):
+    from fastapi.testclient import TestClient
+
+    from facerace.apps.serve.app import create_app
+    from facerace.images import DECODERS
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(EPS)
+    code, out, err = run_cli("predict", photo, "--format", "jsonl", "--workers", "1", "-q")
+    assert code == 0 and '"status": "error"' in out and "not an image" in out, err
+    r = TestClient(create_app()).post("/v1/analyze", files={"file": ("photo.jpg", EPS, "image/jpeg")})
+    assert r.status_code == 422 and "not an image" in r.json()["detail"]
+    assert decoders_used and set(decoders_used) <= set(DECODERS), set(decoders_used) - set(DECODERS)
+    readme = (ROOT / "README.md").read_text()
+    assert "JPEG, PNG, BMP, GIF,\n  WebP, TIFF, PPM/PGM, HEIC/HEIF (`pillow-heif`) and AVIF are read" in readme \
+        or "JPEG, PNG, BMP, GIF, WebP, TIFF, PPM/PGM, HEIC/HEIF" in readme.replace("\n  ", " ")
+
+
+# -- 10: model folders ---------------------------------------------------------------------------------------
+
+def _model(tmp_path, **changes) -> Path:
+    """A copy of the shipped model with config.json changed (None removes a key)."""
+    import json
+
+    from facerace.model import shipped_dir
+
+    folder = tmp_path / "model"
+    if not folder.exists():
+        shutil.copytree(shipped_dir("default"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _sha(path: Path) -> str:
+    from facerace.files import sha256_file
+
+    return sha256_file(path)
+
+
+def _integrity_error(call, *names: str):
+    from facerace.errors import ModelIntegrityError
+
+    with pytest.raises(ModelIntegrityError) as caught:
+        call()
+    message = str(caught.value)
+    assert len(message) < 600 and all(n in message for n in names), message
+    return message
+
+
+def test_every_file_a_model_config_names_stays_inside_the_model_folder(tmp_path):
+    from facerace.model import load_config, load_heldout, load_model, training_digests
+
+    secret = tmp_path / "secret.safetensors"
+    shutil.copy(ROOT / "src/facerace/weights/default/heldout.safetensors", secret)
+    for value in ("../secret.safetensors", str(secret), "link.safetensors"):
+        folder = _model(tmp_path / value.replace("/", "_"), heldout=value, heldout_sha256=_sha(secret))
+        (folder / "link.safetensors").symlink_to(secret)
+        _integrity_error(lambda: load_heldout(folder, load_config(folder)), "heldout")
+    for key, sha in (("weights", "sha256"), ("training_files", "training_files_sha256")):
+        folder = _model(tmp_path / key, **{key: "link", sha: _sha(secret)})
+        (folder / "link").symlink_to(secret)
+        _integrity_error(lambda: load_model(folder) and training_digests(folder, load_config(folder)), key)
+
+
+def test_a_damaged_heldout_file_is_a_short_integrity_error_naming_it(tmp_path):
+    from safetensors.numpy import save_file
+
+    from facerace.model import load_config, load_heldout
+
+    cases = {"no_labels": {"probabilities": np.full((4, 7), 1 / 7, np.float32)},
+             "nan": {"probabilities": np.full((4, 7), np.nan, np.float32), "labels": np.zeros(4, np.int32)},
+             "shape": {"probabilities": np.full((4, 3), 1 / 3, np.float32), "labels": np.zeros(4, np.int32)},
+             "label": {"probabilities": np.full((4, 7), 1 / 7, np.float32), "labels": np.full(4, 9, np.int32)}}
+    for name, tensors in cases.items():
+        folder = _model(tmp_path / name)
+        save_file(tensors, str(folder / "h.safetensors"))
+        _model(tmp_path / name, heldout="h.safetensors", heldout_sha256=_sha(folder / "h.safetensors"))
+        _integrity_error(lambda: load_heldout(folder, load_config(folder)), "h.safetensors")
+
+
+def test_training_files_of_another_dtype_or_shape_is_an_integrity_error(tmp_path):
+    from facerace.model import load_config, training_digests
+
+    for name, array in (("float", np.zeros(3)), ("matrix", np.zeros((2, 2), np.uint64))):
+        folder = _model(tmp_path / name)
+        np.save(folder / "t.npy", array)
+        _model(tmp_path / name, training_files="t.npy", training_files_sha256=_sha(folder / "t.npy"))
+        _integrity_error(lambda: training_digests(folder, load_config(folder)), "t.npy")
+
+
+def test_a_hostile_config_json_is_a_short_integrity_error(tmp_path):
+    from facerace.model import load_config, load_model
+
+    folder = _model(tmp_path)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    _integrity_error(lambda: load_config(folder), "config.json")
+    folder = _model(tmp_path / "many", classes=[f"class{i}" for i in range(1_000_000)])
+    _integrity_error(lambda: load_model(folder), "config.json")
+    folder = _model(tmp_path / "more", classes=[f"c{i}" for i in range(5000)])
+    _integrity_error(lambda: load_model(folder), "config.json", "classes")
+
+
+# -- 19: annotation labels inside the picture ----------------------------------------------------------------
+
+def test_annotate_labels_stay_inside_small_pictures(tmp_path):
+    from PIL import ImageDraw
+
+    from facerace.apps.draw import annotate, label_layout, label_size
+    from facerace.results import FaceResult
+
+    for side in (48, 96, 160, 224, 640):
+        img = np.full((side, side, 3), 90, np.uint8)
+        boxes = [(0, 0, side, side), (side - side // 4, side // 3, side // 4, side // 4),
+                 (side // 3, side - side // 5, side // 5, side // 5)]
+        faces = [FaceResult(box, label="Latino_Hispanic", confidence=0.38, uncertain=True) for box in boxes]
+        annotate(img, faces).save(tmp_path / f"annotated-{side}.png")
+        draw = ImageDraw.Draw(annotate(img, []))
+        text = "Latino_Hispanic 38% (uncertain)"
+        for box in boxes:
+            short = "Latino_Hispanic 38% ?"
+            (left, top), shown, font = label_layout(draw, (text, short), box, (side, side), max(8, side // 40), 1)
+            width, height = label_size(draw, shown, font)
+            assert 0 <= left and left + width + 2 <= side and 0 <= top and top + height + 2 <= side, (side, box)
+            assert shown == text or (side < 160 and shown == short) or side < 96, (side, shown)
+
+
+# -- 15: service memory: one copy of a body in flight --------------------------------------------------------
+
+def test_a_request_in_flight_holds_at_most_one_copy_of_its_body(monkeypatch):
+    """Peak memory of one 8 MiB upload, and what it holds while it waits for the analysis thread (no copy)."""
+    import asyncio
+    import tracemalloc
+
+    from facerace.apps.serve import app as service
+    from facerace.apps.serve.app import create_app
+
+    waiting: list[int] = []
+    real = service._analyse
+
+    def analyse(*args):
+        waiting.append(tracemalloc.get_traced_memory()[0])  # what the request holds when its turn comes
+        return real(*args)
+
+    monkeypatch.setattr(service, "_analyse", analyse)
+
+    app = create_app(max_upload_bytes=12 * 2**20)
+    size, block = 8 * 2**20, 64 * 1024
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n")
+    tail = b"\r\n--b--\r\n"
+    chunks = [head, *([None] * (size // block)), tail]
+    answer: dict = {}
+
+    async def receive():
+        chunk = chunks.pop(0) if chunks else b""
+        body = bytes([65 + len(chunks) % 26]) * block if chunk is None else chunk  # made now, never kept here
+        return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+    async def send(message):
+        answer.setdefault(message["type"], message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/analyze", "raw_path": b"/v1/analyze",
+             "query_string": b"", "headers": [(b"content-type", b"multipart/form-data; boundary=b"),
+                                              (b"content-length", str(size + len(head) + len(tail)).encode())],
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1), "root_path": ""}
+    tracemalloc.start()
+    try:
+        asyncio.run(app(scope, receive, send))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert answer["http.response.start"]["status"] == 422  # not an image, after it was read whole
+    assert waiting and waiting[0] < size / 4, f"{waiting[0] / 2**20:.1f} MiB held while waiting"
+    assert peak < 1.5 * size, f"peak {peak / 2**20:.1f} MiB for a body of {size / 2**20:.0f} MiB"

@@ -16,10 +16,11 @@ import ctypes
 import logging
 import os
 import sys
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +40,10 @@ REQUEST_TIMEOUT_S = 30.0
 BODY_TIMEOUT_S = 60.0
 #: room for the multipart boundaries, part headers and form fields around the uploaded file
 FORM_OVERHEAD_BYTES = 64 * 1024
+#: A request body is kept in memory up to this size, on disk (the temporary folder) beyond it.
+SPOOL_BYTES = 1024 * 1024
+#: Bytes per message when a kept body is replayed to the app.
+REPLAY_CHUNK = 64 * 1024
 FIELD_HINT = ("send the photo as multipart/form-data in the field 'file' "
               "(for example: curl -F file=@photo.jpg http://HOST:PORT/v1/analyze)")
 
@@ -51,9 +56,11 @@ class RequestGuard:
 
     A body longer than `max_upload_bytes` plus FORM_OVERHEAD_BYTES is refused (413) from its Content-Length
     before it is read, or as soon as the bytes read pass that (chunked uploads); a body not complete
-    `body_timeout_s` after the headers gets 408. Both close the connection. The body, at most that size,
-    in memory, is then replayed to the app. An exception that escapes the app becomes a 500 JSON answer that keeps
-    the connection open, instead of a dropped connection.
+    `body_timeout_s` after the headers gets 408. Both close the connection. The body, at most that size, is
+    kept in a temporary file (in memory up to SPOOL_BYTES) and replayed to the app, which spools the upload
+    again (Starlette: on disk past 1 MiB) and reads it only in the analysis thread: a request waiting for its
+    turn holds about SPOOL_BYTES of memory, the one being analysed one copy of its photo. An exception that
+    escapes the app becomes a 500 JSON answer that keeps the connection open, instead of a dropped connection.
     """
 
     def __init__(self, app: ASGIApp, max_upload_bytes: int, body_timeout_s: float) -> None:
@@ -71,20 +78,36 @@ class RequestGuard:
         if length is not None and int(length) > self.max_body_bytes:  # h11 refuses non-numeric lengths
             await _send_json(send, 413, too_large, close=True)
             return
+        body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         try:
-            messages = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+            await self._guarded(scope, receive, send, body, too_large)
+        finally:
+            body.close()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, body: IO[bytes], too_large: str) -> None:
+        """Read the body into `body` (bounded, timed), then run the app on it."""
+        try:
+            outcome = await asyncio.wait_for(self._read_body(receive, body), self.body_timeout_s)
         except TimeoutError:
             await _send_json(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s", close=True)
             return
-        if messages is None:
+        if outcome == "too large":
             await _send_json(send, 413, too_large, close=True)
             return
-        if messages[-1]["type"] == "http.disconnect":
+        if outcome == "disconnected":
             return  # nobody to answer
+        total = body.tell()
+        body.seek(0)
+        done = False
         started = False
 
         async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
+            nonlocal done
+            if done:
+                return await receive()
+            chunk = body.read(REPLAY_CHUNK)
+            done = body.tell() >= total
+            return {"type": "http.request", "body": chunk, "more_body": not done}
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
@@ -98,19 +121,21 @@ class RequestGuard:
             if not started:
                 await _send_json(send, 500, f"internal error {error_id}: the server's log has the details")
 
-    async def _read_body(self, receive: Receive) -> list[Message] | None:
-        """The request's body messages, or None once they pass `max_body_bytes`."""
-        messages, size = [], 0
+    async def _read_body(self, receive: Receive, body: IO[bytes]) -> str:
+        """Write the request's body into `body`: "complete", "too large" once it passes `max_body_bytes`, or
+        "disconnected"."""
+        size = 0
         while True:
             message = await receive()
-            messages.append(message)
             if message["type"] != "http.request":
-                return messages  # the client disconnected
-            size += len(message.get("body", b""))
+                return "disconnected"
+            chunk = message.get("body", b"")
+            size += len(chunk)
             if size > self.max_body_bytes:
-                return None
+                return "too large"
+            body.write(chunk)
             if not message.get("more_body", False):
-                return messages
+                return "complete"
 
 
 async def _send_json(send: Send, status: int, detail: str, *, close: bool = False) -> None:
@@ -203,10 +228,10 @@ def create_app(
         threshold: float | None = Query(None, ge=0.0, le=1.0, description="uncertain below this confidence"),
     ) -> dict[str, Any]:
         """Every face in the photo: `status` is ok, no_face or error (as in `facerace predict` rows)."""
-        data = await file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
+        size = file.size if file.size is not None else await _size(file)
+        if size > max_upload_bytes:
             raise HTTPException(413, _too_large(max_upload_bytes))
-        if not data:
+        if not size:
             raise HTTPException(400, f"empty upload: {FIELD_HINT}")
         name = file.filename or "upload"
         options = {k: v for k, v in (("scheme", scheme), ("detector", detector), ("threshold", threshold)) if v is not None}
@@ -216,7 +241,7 @@ def create_app(
             raise HTTPException(422, str(exc)) from None
         loop = asyncio.get_running_loop()
         try:
-            result = await asyncio.wait_for(loop.run_in_executor(executor, _analyse, predictor, data), timeout_s)
+            result = await asyncio.wait_for(loop.run_in_executor(executor, _analyse, predictor, file.file), timeout_s)
         except TimeoutError:
             raise HTTPException(504, f"analysis took longer than {timeout_s:g} s") from None
         except ImageError as exc:
@@ -252,10 +277,20 @@ def card_page(markdown: str, model: str) -> str:
             "</body></html>\n")
 
 
-def _analyse(predictor: Predictor, data: bytes) -> ImageResult:
-    """One image's result, then the memory its analysis freed goes back to the system (glibc keeps it otherwise)."""
+async def _size(file: UploadFile) -> int:
+    """The size of an upload whose size Starlette did not record."""
+    await file.seek(0, os.SEEK_END)
+    size = file.file.tell()
+    await file.seek(0)
+    return size
+
+
+def _analyse(predictor: Predictor, upload: BinaryIO) -> ImageResult:
+    """One uploaded image's result, its bytes read only now (in the analysis thread: a request waiting for its turn
+    holds none in memory); then the memory its analysis freed goes back to the system (glibc keeps it otherwise)."""
     try:
-        return predictor.predict_image(data)
+        upload.seek(0)
+        return predictor.predict_image(upload.read())
     finally:
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
