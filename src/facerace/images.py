@@ -23,6 +23,11 @@ COLORS = ("rgb", "bgr")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
                   ".heic", ".heif", ".avif")
 
+#: The only Pillow decoders ever asked to open a file, whatever its name says (the formats the README lists; JPEG
+#: includes camera MPO files, PPM the PGM/PBM variants, HEIF comes from pillow-heif): a file in another format
+#: (EPS, which would run Ghostscript, PSD, FITS, ...) is "not an image" before any other plugin reads it.
+DECODERS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM", "HEIF", "AVIF")
+
 
 def _register_heif() -> None:
     """Let PIL open HEIC/HEIF photos (phones write them) through pillow-heif; AVIF is Pillow's own."""
@@ -34,6 +39,12 @@ def _register_heif() -> None:
 
 
 _register_heif()
+
+
+def _decoders() -> list[str]:
+    """The DECODERS this Pillow has (HEIF only with pillow-heif, AVIF only where Pillow was built with it)."""
+    Image.init()
+    return [name for name in DECODERS if name in Image.OPEN]
 
 
 def describe(image: ImageInput) -> str:
@@ -95,14 +106,15 @@ def load_image(image: ImageInput, *, max_pixels: int = MAX_PIXELS, color: str = 
 def _decode(stream: BinaryIO, name: str, max_pixels: int) -> np.ndarray:
     try:
         # Our own pixel limit is checked before decoding; PIL's own guard stays as a backstop.
-        with Image.open(stream) as img:
+        with Image.open(stream, formats=_decoders()) as img:
             _check_size(img.width, img.height, name, max_pixels)
             img.seek(0)
             return _pil_to_rgb(img, name, max_pixels)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(name, "not an image (unknown or unsupported format)") from None
+        raise ImageError(name, "not an image in a supported format (JPEG, PNG, BMP, GIF, WebP, TIFF, PPM/PGM, "
+                               "HEIC/HEIF or AVIF)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -32,6 +32,13 @@ WEIGHTS_FILE = "head.safetensors"
 TUNED_FILE = "backbone.safetensors"
 DIGESTS_FILE = "training_files.npy"
 HELDOUT_FILE = "heldout.safetensors"
+#: Bounds on a config.json: its size, its classes, and the length of a problem quoted in an error.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CLASSES = 1000
+MAX_QUOTE = 200
+#: The config keys that name a file of the model folder (confined to it), and the key of each one's SHA-256.
+FILE_KEYS = {"weights": "sha256", "tuned": "tuned_sha256", "heldout": "heldout_sha256",
+             "training_files": "training_files_sha256"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,9 @@ class ModelConfig:
         a value of the wrong type, or a weights file name that is not a plain file name."""
         problems = _config_problems(d)
         if problems:
-            raise ModelIntegrityError(f"{source}: {'; '.join(problems)}. The model folder is damaged: "
+            listed = "; ".join(_short(p) for p in problems[:5]) + (f"; and {len(problems) - 5} more"
+                                                                   if len(problems) > 5 else "")
+            raise ModelIntegrityError(f"{source}: {listed}. The model folder is damaged: "
                                       "retrain the model (`facerace train`) or reinstall facerace")
         return cls(**{**d, "classes": tuple(d["classes"])})
 
@@ -139,6 +148,8 @@ def _config_problems(d: Any) -> list[str]:
             problems.append(f"{name!r} is {type(value).__name__} {repr(value)[:40]}, not {known[name].type}")
     if isinstance(d.get("classes"), list) and (not d["classes"] or not all(isinstance(c, str) for c in d["classes"])):
         problems.append("'classes' must be a non-empty list of class names")
+    elif isinstance(d.get("classes"), list) and len(d["classes"]) > MAX_CLASSES:
+        problems.append(f"'classes' lists {len(d['classes']):,} classes (at most {MAX_CLASSES:,})")
     bounds = {"threshold": (0.0, 1.0), "chip_size": (16, 1024), "chip_padding": (0.0, 2.0)}
     numbers = [(name, d.get(name), limits) for name, limits in bounds.items() if not isinstance(d.get(name), list)]
     numbers += [(f"{name}[{i}]", v, limits) for name, limits in bounds.items() if isinstance(d.get(name), list)
@@ -165,7 +176,7 @@ def _config_problems(d: Any) -> list[str]:
                                 if parts > 1 else f"{name!r} must be a single value")
     if isinstance(d.get("training_mix"), dict):
         problems += _mix_problems(d["training_mix"])
-    for name in ("weights", "tuned", "training_files"):
+    for name in FILE_KEYS:
         value = d.get(name)
         if isinstance(value, str) and value and (Path(value).name != value or value in (".", "..")):
             problems.append(f"{name!r} must name a file in the model folder, not {value!r}")
@@ -183,6 +194,11 @@ def _mix_problems(mix: dict[str, Any]) -> list[str]:
           and all(isinstance(k, str) and counts(v) for k, v in mix["per_race_gender"].items()))
     return [] if ok else ["'training_mix' must hold data (names), images (a count), per_gender ({gender: count}) "
                           "and per_race_gender ({class: {gender: count}})"]
+
+
+def _short(text: str) -> str:
+    """`text` cut to MAX_QUOTE characters (a hostile config must not make a megabyte error message)."""
+    return text if len(text) <= MAX_QUOTE else text[:MAX_QUOTE] + f"... ({len(text):,} characters)"
 
 
 def shipped_dir(name: str) -> Path:
@@ -209,11 +225,18 @@ def resolve(model: str | Path) -> Path:
 def load_config(model: str | Path) -> ModelConfig:
     """Read a model's config.json (ModelIntegrityError naming it if it is not a valid model config)."""
     file = resolve(model) / CONFIG_FILE
+    damaged = "the model folder is damaged: retrain the model (`facerace train`) or reinstall facerace"
     try:
-        data = json.loads(file.read_text(encoding="utf-8-sig"))
+        with open(file, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ModelIntegrityError(f"{file}: larger than {MAX_CONFIG_BYTES:,} bytes (a model config is a few "
+                                      f"kB); {damaged}")
+        data = json.loads(raw.decode("utf-8-sig"))
     except ValueError as exc:  # not JSON, or not UTF-8
-        raise ModelIntegrityError(f"{file}: not valid JSON ({exc}); the model folder is damaged: retrain the "
-                                  "model (`facerace train`) or reinstall facerace") from None
+        raise ModelIntegrityError(f"{file}: not valid JSON ({_short(str(exc))}); {damaged}") from None
+    except RecursionError:
+        raise ModelIntegrityError(f"{file}: JSON nested too deeply to be a model config; {damaged}") from None
     except OSError as exc:
         raise ModelNotFoundError(f"{file}: cannot be read ({exc.strerror})") from None
     if isinstance(data, dict) and "data" in data and "classes" not in data:
@@ -222,19 +245,27 @@ def load_config(model: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(data, str(file))
 
 
-def _verified(path: Path, expected: str) -> Path:
-    """`path`, after checking it exists and has SHA-256 `expected`."""
-    config = path.parent / CONFIG_FILE
+def model_file(folder: Path, config: ModelConfig, key: str) -> Path:
+    """The file config.json names under `key` (a FILE_KEYS key), refused (ModelIntegrityError) unless it lies
+    inside the model folder (no `..`, no absolute path, no link to outside), exists, and has the SHA-256 the
+    config records for it."""
+    name = getattr(config, key)
+    source = folder / CONFIG_FILE
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or not path.resolve().is_relative_to(folder.resolve()):
+        raise ModelIntegrityError(f"{source}: {key!r} names {_short(repr(name))}, which is not a file inside the "
+                                  "model folder (a link out of it counts); the model folder is damaged or hostile")
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing (named by {config}); retrain the model (`facerace train`) "
+        raise ModelNotFoundError(f"{path} is missing (named by {source}); retrain the model (`facerace train`) "
                                  "or reinstall facerace")
+    expected = getattr(config, FILE_KEYS[key])
     try:
         actual = sha256_file(path)
     except OSError as exc:
         raise ModelNotFoundError(f"{path}: cannot be read ({exc.strerror})") from None
     if actual != expected:
         raise ModelIntegrityError(
-            f"{path} has SHA-256 {actual}, but {config} expects {expected or '(none recorded)'}; "
+            f"{path} has SHA-256 {actual}, but {source} expects {_short(expected) or '(none recorded)'}; "
             "the file is damaged or was replaced: reinstall facerace or retrain the model"
         )
     return path
@@ -246,17 +277,18 @@ def load_model(model: str | Path) -> tuple[ModelConfig, RaceHead]:
 
     path = resolve(model)
     config = load_config(path)
-    weights = _verified(path / config.weights, config.sha256)
+    weights = model_file(path, config, "weights")
     try:
         return config, RaceHead.load(weights, config.classes)
     except (SafetensorError, KeyError, IndexError, ValueError) as exc:
-        raise ModelIntegrityError(f"{weights}: not a head for the classes of {path / CONFIG_FILE} ({exc}); "
-                                  "retrain the model (`facerace train`) or reinstall facerace") from None
+        raise ModelIntegrityError(f"{weights}: not a head for the {len(config.classes)} classes of "
+                                  f"{path / CONFIG_FILE} ({_short(str(exc))}); retrain the model (`facerace train`) "
+                                  "or reinstall facerace") from None
 
 
 def tuned_file(model: str | Path, config: ModelConfig) -> Path | None:
     """The model's fine-tuned backbone layers file (SHA-256 checked), or None for a frozen backbone."""
-    return _verified(resolve(model) / config.tuned, config.tuned_sha256) if config.tuned else None
+    return model_file(resolve(model), config, "tuned") if config.tuned else None
 
 
 def training_digests(model: str | Path, config: ModelConfig) -> np.ndarray | None:
@@ -264,8 +296,16 @@ def training_digests(model: str | Path, config: ModelConfig) -> np.ndarray | Non
     or None for a model saved without them."""
     if not config.training_files:
         return None
-    return np.load(_verified(resolve(model) / config.training_files, config.training_files_sha256),
-                   allow_pickle=False)
+    path = model_file(resolve(model), config, "training_files")
+    try:
+        digests = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ModelIntegrityError(f"{path}: not a NumPy array file ({_short(str(exc))}); retrain the model") from None
+    if not isinstance(digests, np.ndarray) or digests.dtype != np.uint64 or digests.ndim != 1:
+        kind = f"{digests.dtype} array of shape {digests.shape}" if isinstance(digests, np.ndarray) else "an archive"
+        raise ModelIntegrityError(f"{path}: holds {kind}, not the 1-D uint64 digest prefixes a model stores; "
+                                  "retrain the model")
+    return digests
 
 
 def digest_prefixes(digests: Sequence[str]) -> np.ndarray:
@@ -283,8 +323,31 @@ def load_heldout(model: str | Path, config: ModelConfig) -> HeldOut:
         raise ModelNotFoundError(
             f"model {str(model)!r} has no held-out statistics (its folder predates them): the adjusted methods "
             "need them; retrain it with `facerace train`, or use --method count or --method probability")
-    tensors = load_file(str(_verified(resolve(model) / config.heldout, config.heldout_sha256)))
+    path = model_file(resolve(model), config, "heldout")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError, ... for a damaged file
+        raise ModelIntegrityError(f"{path}: not a safetensors file ({_short(str(exc))}); retrain the model") from None
+    problem = _heldout_problem(tensors, len(config.classes))
+    if problem:
+        raise ModelIntegrityError(f"{path}: {problem}; retrain the model (`facerace train`)")
     return HeldOut(tensors["probabilities"].astype(np.float64), tensors["labels"].astype(np.int64))
+
+
+def _heldout_problem(tensors: dict[str, np.ndarray], classes: int) -> str:
+    """What makes held-out tensors unusable for `classes` classes ("" if nothing)."""
+    missing = [k for k in ("probabilities", "labels") if k not in tensors]
+    if missing:
+        return f"missing {' and '.join(repr(k) for k in missing)}"
+    p, y = tensors["probabilities"], tensors["labels"]
+    if p.ndim != 2 or p.shape[1] != classes or len(p) == 0 or y.shape != (len(p),):
+        return f"probabilities {p.shape} and labels {y.shape} do not fit {classes} classes"
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= classes:
+        return f"labels must be class indices 0..{classes - 1}"
+    p = p.astype(np.float64)
+    if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
+        return "probabilities must be finite, non-negative and sum to 1 for every face"
+    return ""
 
 
 def model_pipeline(model: str | Path, config: ModelConfig, *, detector: str | None = None, min_face: int = MIN_FACE,

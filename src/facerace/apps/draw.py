@@ -15,16 +15,19 @@ from facerace.results import FaceResult
 COLOURS = {"certain": (46, 204, 113), "uncertain": (241, 196, 15), "too_small": (160, 160, 160)}
 
 
+#: Smallest label font (px); a label still wider than the picture at this size is cut with "…".
+MIN_FONT = 8
+
+
 def annotate(rgb: np.ndarray, faces: Sequence[FaceResult], tags: Sequence[str] = ()) -> Image.Image:
     """A copy of the image with each face's box and `label confidence` (or `?`, `too small`) drawn, after the
-    face's tag if given (e.g. a track id in a video)."""
+    face's tag if given (e.g. a track id in a video). Labels stay inside the picture: above the box where there
+    is room, else below it or inside its top, shifted left at the right edge, and smaller on small pictures
+    (where "(uncertain)" becomes "?")."""
     img = Image.fromarray(rgb).copy()
     draw = ImageDraw.Draw(img)
-    width = max(2, round(max(img.size) / 300))
-    try:
-        font = ImageFont.load_default(size=max(12, round(max(img.size) / 40)))
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+    width = max(1, round(max(img.size) / 300))
+    size = max(MIN_FONT, round(max(img.size) / 40))
     for i, face in enumerate(faces):
         x, y, w, h = face.box
         if face.status != "ok":  # too_small, or pending in a stream
@@ -34,11 +37,54 @@ def annotate(rgb: np.ndarray, faces: Sequence[FaceResult], tags: Sequence[str] =
             text = f"{face.label} {face.confidence:.0%}" + (" (uncertain)" if face.uncertain else "")
         text = f"{tags[i]} {text}" if i < len(tags) else text
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=width)
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        ty = y - (bottom - top) - 2 * width if y - (bottom - top) - 2 * width >= 0 else y + h
-        draw.rectangle([x, ty, x + (right - left) + 2 * width, ty + (bottom - top) + 2 * width], fill=colour)
-        draw.text((x + width, ty + width - (top - y)), text, fill=(0, 0, 0), font=font)
+        short = text.replace(" (uncertain)", " ?")  # for pictures too small for the whole label
+        (left, top), text, font = label_layout(draw, (text, short), (x, y, w, h), img.size, size, width)
+        right, bottom = label_size(draw, text, font)
+        draw.rectangle([left, top, left + right + 2 * width, top + bottom + 2 * width], fill=colour)
+        draw.text((left + width, top + width), text, fill=(0, 0, 0), font=font, anchor="lt")
     return img
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def label_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont
+               ) -> tuple[int, int]:
+    """Width and height of `text` drawn from its top-left corner (anchor "lt")."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, anchor="lt")
+    return right, bottom
+
+
+def label_layout(draw: ImageDraw.ImageDraw, texts: Sequence[str], box: tuple[int, int, int, int],
+                 picture: tuple[int, int], size: int, pad: int
+                 ) -> tuple[tuple[int, int], str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
+    """Where a face's label goes, its text and font: the first of `texts` (a label, then shorter forms of it)
+    that fits the picture's width (with `pad` around it) at a font between MIN_FONT and `size` px, at the
+    largest such font (the last text cut with "…" if none fits); above the box, else below it, else inside its
+    top; moved left or up so that it ends inside the picture."""
+    width, height = picture
+    x, y, w, h = box
+
+    def fits(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> bool:
+        return label_size(draw, text, font)[0] + 2 * pad <= width
+
+    sizes = [size]
+    while sizes[-1] > MIN_FONT:
+        sizes.append(max(MIN_FONT, int(sizes[-1] * 0.85)))
+    chosen = next(((t, f) for t in texts for f in map(_font, sizes) if fits(t, f)), None)
+    if chosen is None:
+        text, font = texts[-1], _font(MIN_FONT)
+        while len(text) > 1 and not fits(text, font):
+            text = text[:-2] + "…"
+    else:
+        text, font = chosen
+    tw, th = (v + 2 * pad for v in label_size(draw, text, font))
+    top = y - th if y - th >= 0 else y + h if y + h + th <= height else y
+    return (max(0, min(x, width - tw)), max(0, min(top, height - th))), text, font
 
 
 def annotation_paths(paths: Sequence[str], folder: Path) -> dict[str, Path]:
