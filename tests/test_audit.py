@@ -60,8 +60,8 @@ def test_bad_inputs_are_counted_not_fatal(audited):
     assert len(summary["rows"]) == 21 and tuple(summary["rows"][0]) == CSV_COLUMNS
     statuses = [json.loads(line)["status"] for line in (out / "faces.jsonl").read_text().splitlines()]
     assert statuses.count("ok") == 7 and statuses.count("error") == 3 and statuses.count("no_face") == 1
-    # every group is small, and the bad inputs' folder has no face: one warning line each, on stderr
-    assert err.count("warning:") == 4 and "only 7 faces" in err and "no classified face" in err
+    # every group is small, and the bad inputs' folder has no face: one summary warning line each, on stderr
+    assert err.count("warning:") == 2 and "3 group(s) have fewer than 50 faces" in err and "no classified face" in err
 
 
 def test_report_states_method_and_limits(audited):

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import facerace
 import pytest
 from conftest import fixture_labels, run_cli, synthetic_heldout
 from test_audit import CLASSES7
@@ -108,7 +109,7 @@ def test_from_predictions_with_labels_gives_the_same_composition(labelled, tmp_p
     assert (tmp_path / "again" / "composition.csv").read_text() == (out / "composition.csv").read_text()
 
 
-def test_label_usage_errors_stop_before_any_work(collection, tmp_path, model_with_heldout):
+def test_label_usage_errors_stop_before_any_work(collection, tmp_path, model_with_heldout, monkeypatch):
     bad = tmp_path / "latin1.csv"
     bad.write_bytes("path,label\ncaf\xe9.jpg,White\n".encode("latin-1"))
     no_column = write_labels(tmp_path / "nolabel.csv", [])
@@ -119,8 +120,11 @@ def test_label_usage_errors_stop_before_any_work(collection, tmp_path, model_wit
                                  *extra)
         assert code == 2 and "Traceback" not in err and not out, (extra, err)
         assert not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)  # without --out, the CLI writes the sample into the default run folder
     code, _, err = run_cli("audit", collection / "a", "--sample", "3", "--model", model_with_heldout)
-    assert code == 2 and "--out" in err
+    assert code == 0 and (tmp_path / "runs" / "audit" / "exp1" / "sample.csv").is_file(), err
+    with pytest.raises(InvalidParameterError, match="--out"):
+        facerace.audit(collection / "a", sample=3, model=model_with_heldout)  # Python: out=None writes nothing
 
 
 def test_sample_then_label_page_then_labels(collection, tmp_path, model_with_heldout):

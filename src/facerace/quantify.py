@@ -26,6 +26,17 @@ Intervals (`bootstrap`) are percentile intervals over replicates that resample t
 and, for `pacc`, the held-out faces within each true class (the way the held-out split was
 drawn), so they include the uncertainty of M. `em` uses the held-out faces only through
 their class mix, which that resampling keeps fixed: its intervals resample the faces.
+
+Many faces (`GroupStats`, `shares_of`): a group is kept as sufficient statistics, fed batch by
+batch (face count, probability sums and sums of squares, predicted-label counts), plus its
+rows while it has at most `EXACT_FACES` faces. Resampling the faces then draws, per
+replicate: the label counts from the multinomial of the observed label shares (`count`; the
+same distribution as resampling faces), and the mean probability vector by resampling the kept
+rows, or, for larger groups, from the normal distribution of the mean (mean, covariance / n:
+the bootstrap distribution of a mean of thousands of bounded vectors; `probability`, `pacc`).
+`em` needs rows: it keeps a uniform sample of at most `em_sample(replicates)` faces per group
+(all of them in smaller groups) and estimates from it; its interval, that of the sample, is
+then wider than the whole group's would be.
 """
 
 from __future__ import annotations
@@ -45,6 +56,14 @@ METHODS = ("adjusted", "pacc", "em", "count", "probability")
 NEEDS_HELDOUT = ("adjusted", "pacc", "em")
 #: Upper bound on the floats one bootstrap chunk holds (faces x replicates x classes).
 _CHUNK_FLOATS = 4_000_000
+#: Groups of at most this many faces keep their rows: their intervals resample the faces themselves.
+EXACT_FACES = 2_000
+#: The most bootstrap replicates an interval may take.
+MAX_REPLICATES = 10_000
+#: Bound on em's interval work per group (sampled faces x replicates): see `em_sample`.
+EM_WORK = 20_000_000
+#: Probabilities of a usable face sum to 1 within this (rows are written rounded to 4 decimals).
+SUM_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,103 @@ class Shares:
     high: np.ndarray
 
 
+def check_replicates(replicates: int) -> int:
+    """`replicates` if it is a whole number from 1 to MAX_REPLICATES, else InvalidParameterError."""
+    if isinstance(replicates, bool) or not isinstance(replicates, (int, np.integer)) \
+            or not 1 <= replicates <= MAX_REPLICATES:
+        raise InvalidParameterError(f"replicates must be a whole number from 1 to {MAX_REPLICATES:,}, got "
+                                    f"{replicates!r} (1,000 give intervals stable to about half a point)")
+    return int(replicates)
+
+
+def em_sample(replicates: int) -> int:
+    """The most faces per group `em` keeps (a uniform sample of larger groups): EM_WORK / replicates, at least
+    EXACT_FACES, so that one group's interval work is bounded."""
+    return max(EXACT_FACES, EM_WORK // max(1, replicates))
+
+
+class GroupStats:
+    """Sufficient statistics of one group's faces, fed batch by batch with `add`.
+
+    `n` faces; `total` (K,) and `squares` (K, K) the sums of their probability vectors and of
+    their outer products (mean and covariance); `counts` (L,) how many faces got each predicted
+    label; `rows` the faces' probability vectors (float32) while the group has at most `keep`
+    faces (None after), or with `sample` a uniform sample of `keep` of them (reservoir sampling,
+    seeded by `seed`).
+    """
+
+    def __init__(self, classes: int, labels: int | None = None, *, keep: int = EXACT_FACES, sample: bool = False,
+                 seed: int = 0) -> None:
+        self.n = 0
+        self.total = np.zeros(classes)
+        self.squares = np.zeros((classes, classes))
+        self.counts = np.zeros(labels or classes, np.int64)
+        self.keep, self.sample = keep, sample
+        self._rows: np.ndarray | None = np.empty((min(keep, 256), classes), np.float32)
+        self._rng = np.random.default_rng(seed) if sample else None
+
+    @classmethod
+    def of(cls, probs: np.ndarray, predicted: np.ndarray | None = None, labels: int | None = None) -> GroupStats:
+        """The statistics of `probs` (n, K), every row kept."""
+        probs = np.asarray(probs, np.float64)
+        stats = cls(probs.shape[1], labels, keep=max(1, len(probs)))
+        stats.add(probs, predicted)
+        return stats
+
+    def add(self, probs: np.ndarray, predicted: np.ndarray | None = None) -> None:
+        """Add faces with probabilities `probs` (m, K) and predicted labels `predicted` (m,; default: argmax)."""
+        probs = np.asarray(probs, np.float64)
+        if not len(probs):
+            return
+        self.total += probs.sum(0)
+        self.squares += probs.T @ probs
+        labels = probs.argmax(1) if predicted is None else predicted
+        self.counts += np.bincount(labels, minlength=len(self.counts))[:len(self.counts)]
+        if self._rows is not None:
+            self._keep_rows(probs)
+        self.n += len(probs)
+
+    def _keep_rows(self, probs: np.ndarray) -> None:
+        assert self._rows is not None
+        held = min(self.n, self.keep)
+        fill = min(len(probs), self.keep - held)
+        if self.n + len(probs) > self.keep and not self.sample:
+            self._rows = None  # too many faces to keep: the statistics stand for them
+            return
+        if held + fill > len(self._rows):
+            grown = np.empty((min(self.keep, max(2 * len(self._rows), held + fill)), self._rows.shape[1]), np.float32)
+            grown[:held] = self._rows[:held]
+            self._rows = grown
+        self._rows[held:held + fill] = probs[:fill]
+        if fill < len(probs):  # reservoir sampling (algorithm R): face t replaces a random slot with chance keep/(t+1)
+            assert self._rng is not None
+            seen = self.n + fill + np.arange(len(probs) - fill)
+            slots = self._rng.integers(0, seen + 1)
+            chosen = slots < self.keep
+            self._rows[slots[chosen]] = probs[fill:][chosen]
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The kept probability vectors (float64), or None if the group outgrew `keep` without `sample`."""
+        return None if self._rows is None else self._rows[:min(self.n, self.keep)].astype(np.float64)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether `rows` is a sample of the faces (the group has more than `keep`)."""
+        return self.sample and self.n > self.keep
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean probability vector (K,)."""
+        return self.total / max(self.n, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """The covariance (K, K) of the probability vectors (over the faces, divided by n)."""
+        mean = self.mean
+        return self.squares / max(self.n, 1) - np.outer(mean, mean)
+
+
 def shares(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | None = None, *,
            merge: np.ndarray | None = None, replicates: int = 1000, level: float = 0.95,
            random_state: int | np.random.Generator | None = 0) -> Shares:
@@ -93,18 +209,67 @@ def shares(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | None 
     """
     merge = np.eye(np.shape(probs)[1]) if merge is None else merge
     probs = np.asarray(probs, np.float64)
-    coarse = _merged(probs, merge)
-    if check_choice("quantification method", method, METHODS) in NEEDS_HELDOUT:
-        point = _merged(estimate(probs, method, heldout)[None], merge)[0]
-        boot = _merged(bootstrap(probs, method, heldout, replicates=replicates, random_state=random_state), merge)
+    coarse = merged(probs, merge)
+    fed = probs if check_choice("quantification method", method, METHODS) in NEEDS_HELDOUT else coarse
+    return shares_of(GroupStats.of(fed, coarse.argmax(1), merge.shape[1]), method, heldout, merge=merge,
+                     replicates=replicates, level=level, random_state=random_state)
+
+
+def shares_of(stats: GroupStats, method: str = "adjusted", heldout: HeldOut | None = None, *,
+              merge: np.ndarray | None = None, replicates: int = 1000, level: float = 0.95,
+              random_state: int | np.random.Generator | None = 0, confusions: np.ndarray | None = None) -> Shares:
+    """`shares` of a group given by its statistics: `stats` hold the faces' probabilities in the held-out
+    statistics' K classes for the adjusted methods, else in the merged classes; its `counts` are of the
+    merged labels. `confusions` (B, K, K): `pacc`'s resampled confusion matrices (`resampled_confusion`),
+    to share them between groups; default: drawn here."""
+    method = check_choice("quantification method", method, METHODS)
+    used = ADJUSTED if method == "adjusted" else method
+    rng = np.random.default_rng(random_state)
+    replicates, n = check_replicates(replicates), stats.n
+    if not n:
+        raise InvalidParameterError("need probabilities of at least one face")
+    count = stats.counts / n
+    if used == "count":
+        point, boot = count, rng.multinomial(n, count, size=replicates) / n
+    elif used == "probability":
+        point, boot = stats.mean, resampled_means(stats, replicates, rng)
+    elif used == "em":
+        rows = stats.rows
+        assert rows is not None, "em needs GroupStats(sample=True)"
+        point = estimate(rows, used, heldout)
+        boot = bootstrap(rows, used, heldout, replicates=replicates, random_state=rng)
     else:
-        point = estimate(coarse, method)
-        boot = bootstrap(coarse, method, replicates=replicates, random_state=random_state)
+        _check(stats.mean[None], used, heldout)
+        assert heldout is not None
+        point = simplex_least_squares(heldout.confusion()[None], stats.mean[None])[0]
+        if confusions is None:
+            confusions = resampled_confusion(heldout, replicates, rng)
+        boot = simplex_least_squares(confusions, resampled_means(stats, replicates, rng))
+    if used in NEEDS_HELDOUT and merge is not None:
+        point, boot = merged(point[None], merge)[0], merged(boot, merge)
     low, high = interval(boot, level)
-    return Shares(estimate(coarse, "count"), point, low, high)
+    return Shares(count, point, low, high)
 
 
-def _merged(x: np.ndarray, merge: np.ndarray) -> np.ndarray:
+def resampled_means(stats: GroupStats, b: int, rng: np.random.Generator) -> np.ndarray:
+    """Mean probability vectors (b, K) of b resamples of the group's faces: resampled rows while the group keeps
+    all of them, else draws from the normal distribution of the mean (clipped into the simplex)."""
+    rows = stats.rows
+    if rows is not None and not stats.sampled:
+        chunk = max(1, _CHUNK_FLOATS // len(rows))
+        parts = []
+        for first in range(0, b, chunk):
+            weights = resample_counts(len(rows), min(chunk, b - first), rng)
+            parts.append(weights @ rows / len(rows))
+        return np.concatenate(parts)
+    values, vectors = np.linalg.eigh(stats.covariance)
+    root = vectors * np.sqrt(np.clip(values, 0, None))
+    draws = np.clip(stats.mean + rng.standard_normal((b, len(values))) @ root.T / np.sqrt(stats.n), 0, None)
+    return draws / np.where(draws.sum(1, keepdims=True) > 0, draws.sum(1, keepdims=True), 1.0)
+
+
+def merged(x: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    """Rows of shares or probabilities (n, K) mapped onto coarser classes by `merge` (K, K') and renormalised."""
     out = x @ merge
     total = out.sum(1, keepdims=True)
     return out / np.where(total > 0, total, 1.0)
@@ -129,7 +294,7 @@ def bootstrap(probs: np.ndarray, method: str = "adjusted", heldout: HeldOut | No
     for first in range(0, replicates, chunk):
         b = min(chunk, replicates - first)
         weights = resample_counts(n, b, rng)
-        confusion = _resampled_confusion(heldout, b, rng) if heldout is not None else None
+        confusion = resampled_confusion(heldout, b, rng) if heldout is not None else None
         out.append(_shares(method, probs, weights, confusion, heldout.prior if heldout is not None else None))
     return np.concatenate(out)
 
@@ -166,7 +331,7 @@ def _check(probs: np.ndarray, method: str, heldout: HeldOut | None) -> tuple[np.
     return probs, method
 
 
-def _resampled_confusion(heldout: HeldOut, b: int, rng: np.random.Generator) -> np.ndarray:
+def resampled_confusion(heldout: HeldOut, b: int, rng: np.random.Generator) -> np.ndarray:
     """Soft confusion matrices (b, K, K) of held-out faces resampled with replacement within each class."""
     k = heldout.probabilities.shape[1]
     out = np.empty((b, k, k))
@@ -203,19 +368,24 @@ def simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n, k = b.shape
     if k > 12:
         raise InvalidParameterError(f"simplex_least_squares tries every support: at most 12 classes, got {k}")
-    whole = _support_solution(a, b, tuple(range(k)))
-    if whole[0].min() >= 0:  # the common case: the full support is feasible everywhere
-        return whole[0] / whole[0].sum(1, keepdims=True)
-    best, best_loss = np.full((n, k), 1 / k), np.full(n, np.inf)
+    a = np.broadcast_to(a, (n, k, k))
+    whole = _support_solution(a, b, tuple(range(k)))[0]
+    out = whole / whole.sum(1, keepdims=True)
+    outside = np.flatnonzero(whole.min(1) < 0)  # only these need the search over supports
+    if not len(outside):
+        return out
+    a, b, m = a[outside], b[outside], len(outside)
+    best, best_loss = np.full((m, k), 1 / k), np.full(m, np.inf)
     for size in range(1, k + 1):
         for support in combinations(range(k), size):
             x, loss = _support_solution(a, b, support)
             better = (x.min(1) >= -1e-12) & (loss < best_loss - 1e-15)
-            full = np.zeros((n, k))
+            full = np.zeros((m, k))
             full[:, support] = np.clip(x, 0, None)
             best = np.where(better[:, None], full, best)
             best_loss = np.where(better, loss, best_loss)
-    return best / best.sum(1, keepdims=True)
+    out[outside] = best / best.sum(1, keepdims=True)
+    return out
 
 
 def _support_solution(a: np.ndarray, b: np.ndarray, support: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,12 @@
-"""Text that leaves facerace: CSV cells a spreadsheet will not run, terminal text without
-control characters, and progress bars only on a terminal."""
+"""Text that leaves facerace: CSV cells a spreadsheet will not run, JSON without NaN, terminal text without
+control characters, Markdown and plot labels that show a name as written, and progress bars only on a terminal."""
 
 from __future__ import annotations
 
 import csv
+import html
+import json
+import math
 import numbers
 import unicodedata
 from typing import IO, Any, Iterable, Mapping, Sequence
@@ -50,6 +53,57 @@ class CsvWriter:
     def writerows(self, rows: Iterable[Iterable[Any] | Mapping[str, Any]]) -> None:
         for row in rows:
             self.writerow(row)
+
+
+def json_text(data: Any, *, indent: int | None = None) -> str:
+    """`data` as strict JSON, the only way facerace writes JSON: NaN and infinities (Python's or numpy's) become
+    null, numpy scalars and arrays plain numbers and lists, anything else unknown its str()."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False, default=str)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _finite(value.tolist())
+    if isinstance(value, numbers.Real):
+        return _finite(float(value))
+    return value
+
+
+#: The characters that make Markdown structure inside a line (emphasis, code, links, images, tables, HTML,
+#: math, headings and list markers): each is backslash-escaped (CommonMark allows it for any punctuation).
+_MARKDOWN_SPECIAL = frozenset("\\`*_[]()#+-!|~$=")
+
+
+def markdown_text(text: object) -> str:
+    """`text` (a file, folder or group name) for Markdown, shown as written: control characters and line breaks
+    as visible escapes (`printable`), the characters of Markdown structure backslash-escaped, and `<`, `>`, `&`
+    as HTML entities, so no name makes a heading, link, table cell, list, math or HTML tag."""
+    out = []
+    for ch in printable(text):
+        if ch in "<>&":
+            out.append(html.escape(ch))
+        elif ch in _MARKDOWN_SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def plot_text(text: object, *, width: int = 80) -> str:
+    """`text` for a matplotlib label: control characters escaped (`printable`), `$` escaped so that it never
+    starts mathtext, cut to `width` characters."""
+    shown = printable(text)
+    if len(shown) > width:
+        shown = shown[:width - 1] + "…"
+    return shown.replace("$", r"\$")
 
 
 def printable(text: object, *, keep_newlines: bool = False) -> str:

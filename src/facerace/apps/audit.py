@@ -8,37 +8,49 @@ produces them can reuse it.
 
 from __future__ import annotations
 
-import csv
-import json
+import os
+import shutil
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from facerace.apps.predictions import PREDICTION_FORMATS, RowBatch, batches_of, read_batches, read_predictions
 from facerace.errors import (
+    FaceraceWarning,
     InvalidParameterError,
     LabelsWarning,
-    MissingDependencyError,
     NoFaceFoundError,
     ShiftWarning,
     SmallGroupWarning,
     check_choice,
 )
+from facerace.files import notice
 from facerace.labels import SCHEMES, convert_label, convert_probabilities, get_scheme, mapping_matrix
 from facerace.quantify import (
     ADJUSTED,
+    EXACT_FACES,
     METHODS,
     NEEDS_HELDOUT,
+    SUM_TOLERANCE,
+    GroupStats,
     HeldOut,
+    check_replicates,
+    em_sample,
     estimate,
-    shares,
+    merged,
+    resampled_confusion,
+    shares_of,
     shift_test,
+    top_histogram,
     validated_strata,
 )
-from facerace.textout import CsvWriter, progress_bar
+from facerace.textout import CsvWriter, json_text, markdown_text, plot_text, printable, progress_bar
 
 if TYPE_CHECKING:
     from facerace.apps.sample import LabelFile, Matched, Sampler
@@ -64,7 +76,13 @@ ALL = "all"
 SMALL_GROUP = 50
 #: Row statuses that are counted but not classified.
 SKIPPED = ("too_small", "no_face", "error")
-PREDICTION_FORMATS = (".jsonl", ".csv", ".parquet")
+#: The most groups an audit keeps apart; the faces of further groups are pooled into OTHER_GROUPS.
+MAX_GROUPS = 10_000
+OTHER_GROUPS = "(other groups)"
+#: Group names listed in one summary warning.
+_LISTED = 10
+__all__ = ["PREDICTION_FORMATS", "AuditResult", "Engine", "GroupShares", "SmallGroupWarning", "Tally", "audit",
+           "composition", "read_predictions"]
 
 METHOD_TEXT = {
     "count": "the share of faces whose most probable class is each class (counting predicted labels; biased "
@@ -118,6 +136,8 @@ class AuditResult:
     #: Faces drawn per group for labelling (sample.csv), when a sample was asked for.
     sampled: dict[str, int] | None = None
     warning_kinds: tuple[type[Warning], ...] = field(default=(), repr=False, compare=False)
+    #: The folder the audit was written to (None when nothing was written).
+    folder: Path | None = None
 
     @property
     def method_used(self) -> str:
@@ -180,10 +200,10 @@ class AuditResult:
             ax.scatter(x, g.count_share, marker="_", s=300, color="tab:red", zorder=3, label="share of predicted labels")
             ax.set_ylim(0, min(1.0, max(0.1, float(np.max(g.ci_high)) * 1.15)))
             ax.set_ylabel("share")
-            ax.set_title(f"{g.name}: {g.faces} faces, {g.method}"
-                         + (f" ({g.labelled} labelled)" if self.method == "validated" else ""), fontsize=10)
+            ax.set_title(plot_text(f"{g.name}: {g.faces} faces, {g.method}"
+                                   + (f" ({g.labelled} labelled)" if self.method == "validated" else "")), fontsize=10)
             ax.grid(axis="y", alpha=0.3)
-        axes[-1, 0].set_xticks(x, self.classes, rotation=30, ha="right")
+        axes[-1, 0].set_xticks(x, [plot_text(c) for c in self.classes], rotation=30, ha="right")
         hidden = sum(1 for g in self.groups if g.faces) - len(shown)
         top = 1 - 0.5 / fig.get_figheight()
         fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8,
@@ -198,6 +218,7 @@ class AuditResult:
         """report.md: what was measured, how, the numbers, the labelled sample, warnings and the limits."""
         d = self.to_dict()
         skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in d["skipped"].items())
+        md = markdown_text
         lines = [
             f"# Composition audit: {self.images} images, {d['faces']} faces",
             "",
@@ -217,16 +238,16 @@ class AuditResult:
             if not g.faces:
                 continue
             labelled = f", {g.labelled} labelled" if self.method == "validated" else ""
-            lines += ["", f"### {g.name} ({g.faces} faces{labelled}; method `{g.method}`)", "",
+            lines += ["", f"### {md(g.name)} ({g.faces} faces{labelled}; method `{g.method}`)", "",
                       "| class | count share | estimate | 95% interval |", "|---|---|---|---|"]
-            lines += [f"| {c} | {g.count_share[i]:.1%} | {g.estimate[i]:.1%} | {g.ci_low[i]:.1%} - {g.ci_high[i]:.1%} |"
-                      for i, c in enumerate(self.classes)]
+            lines += [f"| {md(c)} | {g.count_share[i]:.1%} | {g.estimate[i]:.1%} | {g.ci_low[i]:.1%} - "
+                      f"{g.ci_high[i]:.1%} |" for i, c in enumerate(self.classes)]
         if self.labels is not None:
             lines += ["", *label_report(self.labels, self.classes)]
         if self.sampled is not None:
             lines += ["", "## A sample to label", "",
                       f"{sum(self.sampled.values())} faces drawn uniformly at random (seeded) for labelling: "
-                      + ", ".join(f"{k}: {v}" for k, v in self.sampled.items()) + ". `sample.csv` lists them, "
+                      + ", ".join(f"{md(k)}: {v}" for k, v in self.sampled.items()) + ". `sample.csv` lists them, "
                       "`sample/` holds their crops; label them with `facerace label` (this folder), then run the "
                       f"audit again with `--labels` (this folder)/labels.csv. Why uniformly at random: {UNIFORM}."]
         if self.shift is not None:
@@ -238,7 +259,7 @@ class AuditResult:
                           "that holds." if self.shift["differs"] else
                           "No difference found at the 5% level (which does not prove there is none).")]
         if self.warnings:
-            lines += ["", "## Warnings", "", *(f"- {w}" for w in self.warnings)]
+            lines += ["", "## Warnings", "", *(f"- {md(w)}" for w in self.warnings)]
         lines += ["", "![composition](composition.png)", "", "## Limits", "", *(f"- {x}" for x in LIMITS), ""]
         return "\n".join(lines)
 
@@ -261,16 +282,25 @@ class AuditResult:
         return lines
 
     def save(self, out: str | Path) -> Path:
-        """Write composition.csv, composition.json, composition.png and report.md into folder `out`."""
+        """Write composition.csv and composition.json, then composition.png and report.md, into folder `out`.
+
+        The numbers are written first: a plot that fails is a warning (in report.md too), never a lost audit."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "composition.csv", "w", newline="") as f:
             w = CsvWriter(f, CSV_COLUMNS)
             w.writeheader()
             w.writerows(self.rows())
-        (out / "composition.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        self.plot(out / "composition.png")
-        (out / "report.md").write_text(self.report())
+        (out / "composition.json").write_text(json_text(self.to_dict(), indent=2) + "\n")
+        result = self
+        try:
+            self.plot(out / "composition.png")
+        except Exception as exc:  # matplotlib's own errors on odd text or sizes: the numbers are already written
+            note = f"composition.png could not be drawn ({type(exc).__name__}: {exc}); the numbers are in " \
+                   "composition.csv"
+            warnings.warn(printable(note), FaceraceWarning, stacklevel=2)
+            result = replace(self, warnings=(*self.warnings, note))
+        (out / "report.md").write_text(result.report())
         return out
 
 
@@ -292,8 +322,8 @@ def label_report(labels: dict[str, Any], classes: Sequence[str]) -> list[str]:
     """report.md's section on the labelled sample (`AuditResult.labels`)."""
     used = labels["labelled_per_group"]
     lines = ["## The labelled sample", "",
-             f"`{labels['file']}`: {labels['used']} labelled faces used ("
-             + ", ".join(f"{k}: {v}" for k, v in used.items()) + f"); {labels['skipped']} rows skipped by the "
+             f"{markdown_text(labels['file'])}: {labels['used']} labelled faces used ("
+             + ", ".join(f"{markdown_text(k)}: {v}" for k, v in used.items()) + f"); {labels['skipped']} rows skipped by the "
              f"labeller (empty label or `skip`)" + (f"; {labels['duplicates']} repeated rows (same face, same label) "
                                                     "counted once" if labels["duplicates"] else "") + ".",
              f"Scheme `{labels['scheme']}`" + (" (chosen from the labels: the scheme reachable from the model's in "
@@ -305,7 +335,7 @@ def label_report(labels: dict[str, Any], classes: Sequence[str]) -> list[str]:
     for kind, v in bad.items():
         lines.append(f"- {v['count']} {v['description']}" + (f" (the first {len(v['rows'])})" if len(v["rows"])
                                                                 < v["count"] else "") + ":")
-        lines += [f"  - {row}" for row in v["rows"]]
+        lines += [f"  - {markdown_text(row)}" for row in v["rows"]]
     acc = labels.get("accuracy")
     if acc:
         on, held = acc["collection"], acc.get("heldout")
@@ -332,112 +362,275 @@ def composition(rows: Iterable[dict[str, Any]], *, model: dict[str, str], model_
                 sampler: Sampler | None = None) -> AuditResult:
     """The composition of per-face rows (keys as `facerace predict` writes them, plus `group` when grouped).
 
-    Rows with status `ok` are faces; `too_small`, `no_face` and `error` rows are counted per
-    group. `scheme` (default: that of the rows' probabilities, or with `labels` the one the labels
-    fit best) may be coarser than the rows'. The adjusted methods use `heldout` (the model's
-    held-out statistics in `model_scheme`). `labels` (a read labels CSV): `method` defaults to
-    `validated`, which uses each group's labelled faces (a group without any keeps the adjusted
-    method). `sampler`: offered every classified face with its group, to draw a sample to label.
+    Rows with status `ok` whose probabilities are usable (see `Tally`) are faces; `too_small`,
+    `no_face`, `error` and unusable rows are counted per group. `scheme` (default: that of the
+    rows' probabilities, or with `labels` the one the labels fit best) may be coarser than the
+    rows'. The adjusted methods use `heldout` (the model's held-out statistics in `model_scheme`).
+    `labels` (a read labels CSV): `method` defaults to `validated`, which uses each group's
+    labelled faces (a group without any keeps the adjusted method). `sampler`: offered every
+    classified face with its group, to draw a sample to label.
     """
-    from facerace.apps.sample import Collector
+    tally = Tally(method=method, scheme=scheme, replicates=replicates, seed=seed, heldout=heldout,
+                  model_scheme=model_scheme, labels=labels, sampler=sampler)
+    for batch in batches_of(rows, "group", details=tally.details):
+        tally.add(batch, batch.values)
+    return tally.result(model)
 
-    method = check_choice("method", method or ("validated" if labels is not None else "adjusted"), AUDIT_METHODS)
-    if method == "validated" and labels is None:
-        raise InvalidParameterError("method 'validated' needs labels: --labels FILE (a CSV of path,label[,face]; "
-                                    "--sample N draws the faces to label)")
-    if replicates < 1:
-        raise InvalidParameterError(f"replicates must be at least 1, got {replicates}")
-    images: set[str] = set()
-    probs: dict[str, list[np.ndarray]] = {ALL: []}
-    skipped: dict[str, dict[str, int]] = {ALL: dict.fromkeys(SKIPPED, 0)}
-    source: str | None = None
-    extra = Collector(labels, sampler, scheme)
-    for row in rows:
-        images.add(str(row.get("path")))
-        group = row.get("group")
-        names = [ALL] if group is None else [ALL, f"{group} (group)" if str(group) == ALL else str(group)]
+
+class Tally:
+    """Per-group statistics of per-face rows, fed batch by batch (`add`), so that memory does not grow with the rows.
+
+    A row is a face if its status is `ok` and its probabilities are usable: finite, non-negative
+    and summing to 1 within SUM_TOLERANCE, in the classes of the first such row; any other row is
+    counted as skipped (`error` unless its status is `too_small` or `no_face`). Images are counted
+    as runs of rows with the same path (the rows of one image are written together). Groups past
+    MAX_GROUPS are pooled into OTHER_GROUPS. With `labels` or `sampler`, every face is also offered
+    to an `apps.sample.Collector` (see `composition`).
+    """
+
+    def __init__(self, *, method: str | None = None, scheme: str | None = None, replicates: int = 1000,
+                 seed: int = 0, heldout: HeldOut | None = None, model_scheme: str | None = None,
+                 labels: LabelFile | None = None, sampler: Sampler | None = None) -> None:
+        from facerace.apps.sample import Collector
+
+        self.method = check_choice("method", method or ("validated" if labels is not None else "adjusted"),
+                                   AUDIT_METHODS)
+        if self.method == "validated" and labels is None:
+            raise InvalidParameterError("method 'validated' needs labels: --labels FILE (a CSV of path,label[,face]; "
+                                        "--sample N draws the faces to label)")
+        if self.method in NEEDS_HELDOUT and heldout is None:
+            raise InvalidParameterError(f"method {self.method!r} needs the model's held-out statistics")
+        chosen = self.method if self.method != "validated" else "adjusted" if heldout is not None else "probability"
+        self.used = ADJUSTED if chosen == "adjusted" else chosen  # the method of groups without labelled faces
+        self.replicates, self.seed, self.scheme = check_replicates(replicates), seed, scheme
+        self.heldout, self.model_scheme = heldout, model_scheme
+        if scheme is not None:
+            get_scheme(scheme)
+        self.labels = labels
+        self.collector = Collector(labels, sampler, scheme) if labels is not None or sampler is not None else None
+        #: Whether the rows' face indices and boxes are needed (to match labels and to draw the sample).
+        self.details = self.collector is not None
+        self.source: tuple[str, ...] | None = None
+        self.out_scheme: str | None = None
+        self.merge: np.ndarray | None = None
+        self.stats: dict[str, GroupStats] = {}
+        self.skipped: dict[str, Counter[str]] = {ALL: Counter()}
+        self.top: np.ndarray | float = 0.0
+        self.total: np.ndarray | float = 0.0
+        self.images, self.rows, self.pooled = 0, 0, 0
+        self._last_path: str | None = None
+        self._codes: dict[str | None, int] = {}
+
+    def add(self, batch: RowBatch, groups: list[Any] | None = None) -> None:
+        """Count a batch of rows; `groups`: each row's group (None: only `all`)."""
+        n = len(batch)
+        if not n:
+            return
+        self.rows += n
+        self.images += sum(1 for a, b in zip([self._last_path, *batch.paths[:-1]], batch.paths) if b is None or a != b)
+        self._last_path = batch.paths[-1]
+        if groups is not None:
+            named = {g: self._name(g) for g in dict.fromkeys(groups)}  # each distinct group once, in order
+            names = [named[g] for g in groups]
+        else:
+            names = None
+        usable = self._usable(batch)
+        for i in np.flatnonzero(~usable):
+            status = batch.statuses[i]
+            kind = status if status in SKIPPED else "error"
+            self.skipped[ALL][kind] += 1
+            if names is not None and names[i] is not None:
+                self.skipped.setdefault(names[i], Counter())[kind] += 1
+        if not usable.any():
+            return
+        rows = np.flatnonzero(usable)
+        probs = batch.probabilities[usable]
+        probs = probs / probs.sum(1, keepdims=True)
+        assert self.merge is not None
+        coarse = merged(probs, self.merge)
+        fed, labels = (probs if self.used in NEEDS_HELDOUT else coarse), coarse.argmax(1)
+        self.top = self.top + top_histogram(probs)
+        self.total = self.total + probs.sum(0)  # every face's probabilities in the rows' classes (shift test)
+        self._group(ALL).add(fed, labels)
+        if self.collector is not None:
+            self._collect(batch, rows, probs, names)
+        if names is None:
+            return
+        kept = [names[i] for i in rows]
+        codes = np.array([self._codes.setdefault(name, len(self._codes)) for name in kept], np.int64)
+        order = np.argsort(codes, kind="stable")
+        _, starts = np.unique(codes[order], return_index=True)
+        for start, end in zip(starts, [*starts[1:], len(order)]):
+            part = order[start:end]
+            if kept[part[0]] is not None:
+                self._group(kept[part[0]]).add(fed[part], labels[part])
+
+    def _collect(self, batch: RowBatch, rows: np.ndarray, probs: np.ndarray, names: list[str | None] | None) -> None:
+        """Offer each face of the batch to the Collector (labels, sample)."""
+        assert self.collector is not None and self.source is not None
+        source = _scheme_name(self.source)
+        faces, boxes = batch.faces or [None] * len(batch), batch.boxes or [None] * len(batch)
+        for j, i in enumerate(rows):
+            own = names[i] if names is not None else None
+            self.collector.add({"path": batch.paths[i], "face": faces[i], "box": boxes[i]},
+                               [ALL] if own is None else [ALL, own], source, probs[j])
+
+    def _name(self, group: Any) -> str | None:
+        if group is None:
+            return None
+        name = f"{group} (group)" if str(group) == ALL else str(group)
+        if name not in self.skipped:
+            if len(self.skipped) > MAX_GROUPS:
+                self.pooled += 1
+                return OTHER_GROUPS
+            self.skipped[name] = Counter()
+        return name
+
+    def _usable(self, batch: RowBatch) -> np.ndarray:
+        """Which rows are faces: status ok, usable probabilities in the source classes (fixed by the first)."""
+        ok = np.fromiter((s == "ok" for s in batch.statuses), bool, len(batch))
+        if batch.classes is None or not ok.any():
+            return np.zeros(len(batch), bool)
+        if self.source is None:
+            self.source = batch.classes
+            name = _scheme_name(batch.classes)
+            self.out_scheme = get_scheme(self.scheme or (self.labels.scheme(name) if self.labels is not None
+                                                         else name)).name
+            if self.collector is not None:
+                self.collector.scheme = self.out_scheme
+            self.merge = mapping_matrix(name, self.out_scheme)
+        if batch.classes != self.source:
+            return np.zeros(len(batch), bool)
+        p = batch.probabilities
+        with np.errstate(invalid="ignore", over="ignore"):
+            return ok & np.isfinite(p).all(1) & (p >= 0).all(1) & (np.abs(p.sum(1) - 1) <= SUM_TOLERANCE)
+
+    def _group(self, name: str) -> GroupStats:
+        stats = self.stats.get(name)
+        if stats is None:
+            assert self.source is not None and self.merge is not None
+            k = len(self.source) if self.used in NEEDS_HELDOUT else self.merge.shape[1]
+            em = self.used == "em"
+            stats = self.stats[name] = GroupStats(k, self.merge.shape[1], keep=em_sample(self.replicates) if em
+                                                  else EXACT_FACES, sample=em, seed=self.seed + len(self.stats))
+        return stats
+
+    def result(self, model: dict[str, str]) -> AuditResult:
+        """The composition of the rows counted so far (`model`: its name, version and path, for the report)."""
+        if self.source is None or ALL not in self.stats:
+            counts = ", ".join(f"{self.skipped[ALL][k]} {k.replace('_', ' ')}" for k in SKIPPED)
+            raise NoFaceFoundError(f"no face could be classified in {self.images} image(s) ({counts}); see the "
+                                   "per-face rows")
+        assert self.out_scheme is not None
+        source = _scheme_name(self.source)
+        held, confusions = None, None
+        if self.heldout is not None:
+            held = convert_heldout(self.heldout, self.model_scheme or source, source)
+            if self.used == "pacc":  # one draw of the held-out faces for every group: the model's error is one
+                estimate(self.stats[ALL].mean[None], "pacc", held)  # checks the held-out classes
+                confusions = resampled_confusion(held, self.replicates, np.random.default_rng(self.seed))
+        matched = self.collector.matched() if self.collector is not None else None
+        names = [ALL, *sorted(k for k in self.skipped if k != ALL)]
+        strata = self.collector.strata(matched) if self.collector is not None and matched is not None else {}
+        pooled = None
+        if self.method == "validated" and len(names) > 1 and ALL in strata:  # grouped: combine the groups'?
+            pooled = not all(g in strata for g in names[1:] if g in self.stats)
+        groups = []
         for name in names:
-            probs.setdefault(name, [])
-            skipped.setdefault(name, dict.fromkeys(SKIPPED, 0))
-        vector = _vector(row, source)
-        if vector is not None:
-            source = source or vector[0]
-            for name in names:
-                probs[name].append(vector[1])
-            extra.add(row, names, source, vector[1])
-        else:
-            for name in names:
-                skipped[name][row.get("status") if row.get("status") in SKIPPED else "error"] += 1
-    if source is None:
-        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped[ALL].items())
-        raise NoFaceFoundError(f"no face could be classified in {len(images)} image(s) ({counts}); see the per-face rows")
-    out_scheme = extra.scheme or source
-    merge = mapping_matrix(source, out_scheme)
-    if method in NEEDS_HELDOUT and heldout is None:
-        raise InvalidParameterError(f"method {method!r} needs the model's held-out statistics")
-    held = convert_heldout(heldout, model_scheme, source) if heldout is not None else None
-    fallback = method if method != "validated" else "adjusted" if held is not None else "probability"
-    matched = extra.matched()
-    names = [ALL, *sorted(k for k in probs if k != ALL)]
-    strata = extra.strata(matched) if matched is not None else {}  # groups with at least 2 labelled faces
-    pooled = None
-    if method == "validated" and len(names) > 1 and ALL in strata:  # grouped: combine the groups' estimates?
-        pooled = not all(g in strata for g in names[1:] if probs[g])
-    groups, notes = [], []
-    for name in names:
-        n = len(probs[name])
-        if n == 0:
-            notes.append((SmallGroupWarning, f"group {name!r} has no classified face; it is left out of the "
-                                             "composition"))
-            groups.append(GroupShares(name, 0, skipped[name]))
-            continue
-        if n < SMALL_GROUP:
-            notes.append((SmallGroupWarning, f"group {name!r} has only {n} faces (< {SMALL_GROUP}): its intervals "
-                                             "are wide"))
-        labelled = extra.labelled(name)
-        if method == "validated" and name in strata:
-            parts = [strata[g] for g in names[1:] if probs[g]] if name == ALL and pooled is False else [strata[name]]
-            est, low, high = validated_strata(parts)
-            count = estimate(convert_probabilities(np.stack(probs[name]), source, out_scheme), "count")
-            used = "validated"
-            if labelled < FEW_LABELS:
-                notes.append((LabelsWarning, f"group {name!r} has only {labelled} labelled faces (< {FEW_LABELS}): "
-                                             "its validated interval rests on few labels; label more (--sample)"))
-        else:
-            chosen = fallback if method == "validated" else method
-            s = shares(np.stack(probs[name]), chosen, held, merge=merge, replicates=replicates, random_state=seed)
-            count, est, low, high = s.count, s.estimate, s.low, s.high
-            used = ADJUSTED if chosen == "adjusted" else chosen
-            if method == "validated":
-                notes.append((LabelsWarning, f"group {name!r} has {labelled or 'no'} labelled face"
-                                             f"{'s' * (labelled != 1)}: its rows use the adjusted method ({used})"))
-        groups.append(GroupShares(name, n, skipped[name], *(tuple(round(float(v), 4) for v in a)
-                                                             for a in (count, est, low, high)), used, labelled))
-    summary = None
-    if matched is not None:
-        summary = _label_summary(matched, out_scheme, scheme is None, extra.labelled_faces(ALL), held, source)
+            stats, skipped = self.stats.get(name), {k: self.skipped[name][k] for k in SKIPPED}
+            if stats is None:
+                groups.append(GroupShares(name, 0, skipped))
+                continue
+            labelled = self.collector.labelled(name) if self.labels is not None and self.collector else 0
+            if self.method == "validated" and name in strata:
+                parts = [strata[g] for g in names[1:] if g in self.stats] if name == ALL and pooled is False \
+                    else [strata[name]]
+                point, low, high = validated_strata(parts)
+                values, used = (stats.counts / stats.n, point, low, high), "validated"
+            else:
+                s = shares_of(stats, self.used, held, merge=self.merge, replicates=self.replicates,
+                              random_state=self.seed, confusions=confusions)
+                values, used = (s.count, s.estimate, s.low, s.high), self.used
+            groups.append(GroupShares(name, stats.n, skipped, *(tuple(round(float(v), 4) for v in a) for a in values),
+                                      used, labelled))
+        summary = self._label_summary(matched, groups, pooled, held, source) if matched is not None else None
+        shift = _shift(self.top, self.total / self.stats[ALL].n, held, self.seed) if held is not None else None
+        notes = self._notes(groups, matched, shift)
+        return AuditResult(get_scheme(self.out_scheme).classes, self.out_scheme, self.method, model, tuple(groups),
+                           self.images, self.replicates, self.seed, len(held.labels) if held is not None else None,
+                           tuple(text for _, text in notes), labels=summary, shift=shift,
+                           warning_kinds=tuple(kind for kind, _ in notes))
+
+    def _label_summary(self, matched: Matched, groups: list[GroupShares], pooled: bool | None, held: HeldOut | None,
+                       source: str) -> dict[str, Any]:
+        """composition.json's `labels` (see `_label_summary`), with the labelled faces per group."""
+        assert self.collector is not None and self.out_scheme is not None
+        summary = _label_summary(matched, self.out_scheme, self.scheme is None, self.collector.labelled_faces(ALL),
+                                 held, source)
         summary["labelled_per_group"] = {g.name: g.labelled for g in groups if g.faces}
         if pooled is not None:
             summary["all"] = ("pools the labelled faces of every group: right only if they are a uniform random "
                               "sample of all the faces (some group has fewer than 2 labelled faces)" if pooled else
                               "combines the groups' estimates weighted by their numbers of faces (stratified), "
                               "right however unequally the groups were sampled")
-        bad = {k: len(v) for k, v in matched.problems.items() if v}
-        if bad:
-            notes.append((LabelsWarning, f"{matched.file}: {sum(bad.values())} label row(s) not used ("
-                                         + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in bad.items())
-                                         + "); report.md lists them"))
-    shift = _shift(extra.top, np.stack(probs[ALL]), held, seed) if held is not None else None
-    if shift is not None and shift["differs"] and method != "validated":
-        notes.append((ShiftWarning, f"the faces' top probabilities are distributed unlike those of the model's "
-                                    f"held-out faces (distance {shift['distance']:.3f}, p = {shift['p_value']:.3f}): "
-                                    "these photos may differ from the training photos, and the adjusted estimate "
-                                    "may then be biased beyond its interval; for an estimate that holds, label a "
-                                    "random sample: --sample 200, then `facerace label OUT`, then --labels"))
-    return AuditResult(get_scheme(out_scheme).classes, out_scheme, method, model, tuple(groups), len(images),
-                       replicates, seed, len(held.labels) if held is not None else None,
-                       tuple(text for _, text in notes), labels=summary, shift=shift,
-                       warning_kinds=tuple(kind for kind, _ in notes))
+        return summary
+
+    def _notes(self, groups: list[GroupShares], matched: Matched | None, shift: dict[str, Any] | None
+               ) -> list[tuple[type[Warning], str]]:
+        """One summary warning per kind (kind, text): empty groups, small groups, groups with few or no labelled
+        faces, unused label rows, em's sampled groups, pooled groups, a shift."""
+        def listed(items: list[str]) -> str:
+            shown = ", ".join(items[:_LISTED])
+            return shown + (f" and {len(items) - _LISTED:,} more" if len(items) > _LISTED else "")
+
+        empty = [repr(g.name) for g in groups if not g.faces]
+        small = [f"{g.name!r} ({g.faces})" for g in groups if 0 < g.faces < SMALL_GROUP]
+        sampled = [f"{name!r} ({s.n:,})" for name, s in self.stats.items() if s.sampled]
+        notes: list[tuple[type[Warning], str]] = []
+        if empty:
+            notes.append((SmallGroupWarning, f"{len(empty)} group(s) have no classified face and are left out of the "
+                                             f"composition: {listed(empty)}"))
+        if small:
+            notes.append((SmallGroupWarning, f"{len(small)} group(s) have fewer than {SMALL_GROUP} faces, so their "
+                                             f"intervals are wide: {listed(small)}"))
+        if self.method == "validated":
+            few = [f"{g.name!r} (only {g.labelled} labelled faces)" for g in groups
+                   if g.faces and g.method == "validated" and g.labelled < FEW_LABELS]
+            none = [f"{g.name!r} ({g.labelled} labelled)" for g in groups if g.faces and g.method != "validated"]
+            if few:
+                notes.append((LabelsWarning, f"{len(few)} group(s) have fewer than {FEW_LABELS} labelled faces, so "
+                                             f"their validated intervals rest on few labels; label more (--sample): "
+                                             f"{listed(few)}"))
+            if none:
+                notes.append((LabelsWarning, f"{len(none)} group(s) without labelled faces (each has no labelled face "
+                                             f"or one), so their rows use the adjusted method ({self.used}): "
+                                             f"{listed(none)}"))
+        if matched is not None:
+            bad = {k: len(v) for k, v in matched.problems.items() if v}
+            if bad:
+                notes.append((LabelsWarning, f"{matched.file}: {sum(bad.values())} label row(s) not used ("
+                                             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in bad.items())
+                                             + "); report.md lists them"))
+        if sampled:
+            notes.append((SmallGroupWarning, f"method em estimated {len(sampled)} group(s) from a uniform sample of "
+                                             f"{em_sample(self.replicates):,} of their faces (its interval is that of "
+                                             "the sample, wider than the whole group's; --method pacc uses every "
+                                             f"face): {listed(sampled)}"))
+        if self.pooled:
+            notes.append((SmallGroupWarning, f"more than {MAX_GROUPS:,} groups: the rows of the further groups are "
+                                             f"pooled into {OTHER_GROUPS!r}; group by a coarser column"))
+        if shift is not None and shift["differs"] and self.method != "validated":
+            notes.append((ShiftWarning, f"the faces' top probabilities are distributed unlike those of the model's "
+                                        f"held-out faces (distance {shift['distance']:.3f}, p = {shift['p_value']:.3f}): "
+                                        "these photos may differ from the training photos, and the adjusted estimate "
+                                        "may then be biased beyond its interval; for an estimate that holds, label a "
+                                        "random sample: --sample 200, then `facerace label OUT`, then --labels"))
+        return notes
+
+
+def _scheme_name(classes: tuple[str, ...]) -> str:
+    """The name of the scheme whose classes (in order) are `classes`."""
+    return next(name for name, s in SCHEMES.items() if s.classes == classes)
 
 
 def _label_summary(matched: Matched, scheme: str, chosen: bool, faces: tuple[np.ndarray, np.ndarray],
@@ -476,14 +669,14 @@ def _label_summary(matched: Matched, scheme: str, chosen: bool, faces: tuple[np.
     return out
 
 
-def _shift(top: np.ndarray, probs: np.ndarray, held: HeldOut, seed: int) -> dict[str, Any] | None:
-    """composition.json's `shift_test` of all the faces (top-probability histogram `top`, probabilities `probs` in
-    the held-out statistics' scheme); None under SHIFT_MIN_FACES faces or when the held-out statistics cannot
-    give the mix to compare with."""
+def _shift(top: np.ndarray, mean: np.ndarray, held: HeldOut, seed: int) -> dict[str, Any] | None:
+    """composition.json's `shift_test` of all the faces (top-probability histogram `top`, mean probability vector
+    `mean` in the held-out statistics' scheme); None under SHIFT_MIN_FACES faces or when the held-out statistics
+    cannot give the mix to compare with."""
     if top.sum() < SHIFT_MIN_FACES:
         return None
     try:
-        mix = estimate(probs, ADJUSTED, held)
+        mix = estimate(mean[None], ADJUSTED, held)
     except InvalidParameterError:  # a class without held-out faces
         return None
     distance, p = shift_test(top, held, mix, random_state=seed)
@@ -491,31 +684,6 @@ def _shift(top: np.ndarray, probs: np.ndarray, held: HeldOut, seed: int) -> dict
                     "held-out faces mixed in the estimated shares (parametric bootstrap p-value, 200 replicates)",
             "faces": int(top.sum()), "distance": round(distance, 4), "p_value": round(p, 4), "level": SHIFT_LEVEL,
             "differs": p < SHIFT_LEVEL}
-
-
-def _vector(row: dict[str, Any], scheme: str | None) -> tuple[str, np.ndarray] | None:
-    """(scheme, probability vector) of an `ok` row whose probabilities are those of `scheme` (any scheme if
-    None); None for any other row."""
-    probs = row.get("probabilities")
-    if row.get("status") != "ok" or not isinstance(probs, dict):
-        return None
-    try:
-        found = rows_scheme(probs)
-        vector = np.array([float(probs[c]) for c in SCHEMES[found].classes])
-    except (InvalidParameterError, TypeError, ValueError):
-        return None
-    if scheme not in (None, found) or not np.all(np.isfinite(vector)) or vector.min() < 0 or vector.sum() <= 0:
-        return None
-    return found, vector / vector.sum()
-
-
-def rows_scheme(probabilities: dict[str, float]) -> str:
-    """The label scheme whose classes are exactly the keys of a row's probabilities."""
-    for name, s in SCHEMES.items():
-        if set(probabilities) == set(s.classes):
-            return name
-    raise InvalidParameterError(f"the probabilities' classes {sorted(probabilities)} are not those of a scheme "
-                                f"({', '.join(SCHEMES)}); were they written by `facerace predict`?")
 
 
 def convert_heldout(heldout: HeldOut, source: str, target: str) -> HeldOut:
@@ -529,111 +697,7 @@ def convert_heldout(heldout: HeldOut, source: str, target: str) -> HeldOut:
                    np.array([dst.index(c) for c in labels if c is not None], np.int64))
 
 
-# ---- reading per-face rows back ----------------------------------------------------------------------------
-def read_predictions(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Per-face rows from a file `facerace predict` wrote (.jsonl or .csv) or a .parquet with the same columns.
-
-    The file is checked now and read as the rows are consumed. A line or row that cannot be
-    read becomes an `error` row, so one bad row never stops an audit.
-    """
-    path = Path(path)
-    if path.is_dir():  # a Parquet folder, as `predict --format parquet` and the ray engine write
-        from facerace.apps.tables import read_rows
-
-        if not any(path.rglob("*.parquet")):
-            raise InvalidParameterError(f"{path}: a folder of predictions must hold .parquet files")
-        return (_parquet_row(row, f"{path}:row {n}") for n, row in enumerate(read_rows(path), 1))
-    suffix = path.suffix.lower()
-    if suffix not in PREDICTION_FORMATS:
-        raise InvalidParameterError(f"{path}: predictions must be {', '.join(PREDICTION_FORMATS)}, not {suffix!r}")
-    if not path.is_file():
-        raise InvalidParameterError(f"{path}: no such predictions file")
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise MissingDependencyError('reading .parquet needs pyarrow: pip install "facerace[parquet]"') from exc
-        return (_parquet_row(row, f"{path}:row {n}") for n, row in enumerate(pq.read_table(path).to_pylist(), 1))
-    return _text_rows(path, suffix)
-
-
-def _text_rows(path: Path, suffix: str) -> Iterator[dict[str, Any]]:
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line, text in enumerate(f, start=1):
-                if text.strip():
-                    yield _checked_row(_json(text), f"{path}:{line}")
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            for line, row in enumerate(csv.DictReader(f), start=2):
-                yield _checked_row(_flat(row), f"{path}:{line}")
-
-
-def _parquet_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    if isinstance(row.get("probabilities"), list):  # a parquet map column reads as (key, value) pairs
-        row["probabilities"] = dict(row["probabilities"])
-    return _checked_row(row if "probabilities" in row else _flat(row), where)
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    """A CSV-style row (`p_<class>` columns) with its probabilities gathered into a dict."""
-    out = {k: v for k, v in row.items() if not k.startswith("p_")}
-    probs = {k[2:]: v for k, v in row.items() if k.startswith("p_") and v not in (None, "")}
-    out["probabilities"] = probs or None
-    return out
-
-
-def _checked_row(row: Any, where: str) -> dict[str, Any]:
-    """`row` if it is a per-face row (its probabilities are checked by `composition`); else an error row."""
-    if not isinstance(row, dict) or "status" not in row:
-        return {"path": where, "status": "error", "error": "not a per-face row (no status)"}
-    return row
-
-
 # ---- the whole audit ------------------------------------------------------------------------------------
-def grouper(by: str | None, paths: Sequence[str] = (), *, column: str | None = None
-            ) -> Callable[[dict[str, Any]], str | None]:
-    """The function giving a row's group: none, the folder holding its image, or a column.
-
-    A column is looked up in the row itself (predictions files) or else in the CSVs among
-    `paths` that listed the image (in CSV column `column`, default path or file).
-    """
-    if by in (None, "none"):
-        return lambda row: None
-    if by == "folder":
-        return lambda row: str(Path(str(row.get("path"))).parent)
-    lookup = _csv_column(paths, by, column) if paths else {}
-    return lambda row: str(row[by]) if row.get(by) not in (None, "") else lookup.get(str(row.get("path")), "(none)")
-
-
-def _csv_column(paths: Sequence[str], by: str, column: str | None) -> dict[str, str]:
-    """image path (as `sources.expand` writes it) -> the value of column `by`, from every CSV in `paths`."""
-    from facerace.apps.sources import expand
-
-    lookup: dict[str, str] = {}
-    for arg in paths:
-        if not (Path(arg).is_file() and Path(arg).suffix.lower() == ".csv"):
-            continue
-        with open(arg, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if by not in (reader.fieldnames or []):
-                raise InvalidParameterError(f"--by {by}: {arg} has no column {by!r}; its columns are: "
-                                            f"{', '.join(reader.fieldnames or [])}")
-            values = [r.get(by) or "(none)" for r in reader]
-        lookup.update({s.path: v for s, v in zip(expand([arg], column=column), values)})
-    if not lookup:
-        raise InvalidParameterError(f"--by {by}: grouping by a column needs CSV inputs that have it, or --from "
-                                    "a predictions file; use --by folder or --by none for images and folders")
-    return lookup
-
-
 def audit(
     paths: str | Path | Sequence[str | Path] = (),
     *,
@@ -653,25 +717,28 @@ def audit(
 
     `by`: `none` (one group, `all`), `folder` (the folder holding each image) or the name of
     a column of the CSVs (or of the `predictions` file). `predictions`: read the per-face rows
-    of an earlier `facerace predict` run (.jsonl, .csv, .parquet; made with model `model`)
-    instead of predicting `paths`. `method`: one of AUDIT_METHODS (`adjusted` is `quantify.ADJUSTED`;
-    the default is `validated` with `labels`, else `adjusted`); bootstrap intervals come from
-    `replicates` replicates (seed 0). `engine`: how and where the faces are predicted (detector,
-    CSV column, default this machine with all cores); with `Engine("ray")` the per-face rows are
-    computed on a Ray cluster, written as Parquet (`faces/` in `out`, else a temporary folder) and
-    the composition is computed here from them. Paths in CSVs must stay inside the CSV's folder.
+    of an earlier `facerace predict` run (.jsonl, .csv, .parquet file or folder; made with model
+    `model`) instead of predicting `paths`. `method`: one of AUDIT_METHODS (`adjusted` is
+    `quantify.ADJUSTED`; the default is `validated` with `labels`, else `adjusted`); bootstrap
+    intervals come from `replicates` (1 to quantify.MAX_REPLICATES) replicates (seed 0).
+    `engine`: how and where the faces are predicted (detector, CSV column, default this machine
+    with all cores); with `Engine("ray")` the per-face rows are computed on a Ray cluster, written
+    as Parquet (`faces/` in `out`, else a temporary folder) and the composition is computed here
+    from them. Paths in CSVs must stay inside the CSV's folder, each image listed once.
     `labels`: a CSV of path,label[,face] (see `apps.sample.read_labels`) for a uniform random sample
     of the faces. `sample`: draw N faces per group at random (seeded) to label: `sample.csv` and
     their crops under `sample/` in `out` (needs `out`). `quiet`: no progress bar or notes on stderr.
-    With `out`, writes composition.csv/.json/.png, report.md and (unless `predictions`)
-    faces.jsonl there. Warnings: SmallGroupWarning, LabelsWarning, ShiftWarning.
+    With `out` (a new or empty folder), writes composition.csv/.json/.png, report.md and (unless
+    `predictions`) faces.jsonl into a temporary folder beside it, renamed to `out` when complete
+    (`result.folder`). Warnings (one per kind): SmallGroupWarning, LabelsWarning, ShiftWarning.
     """
     from facerace.apps.sample import Sampler, read_labels
     from facerace.labels import mapping
     from facerace.model import load_config, load_heldout
-    from facerace.training.runs import new_run_dir
+    from facerace.training.runs import check_new_run_dir
 
     engine = engine or Engine()
+    replicates = check_replicates(replicates)
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     if bool(paths) == (predictions is not None):
         raise InvalidParameterError("give images (PATH...) or --from a predictions file, not both or neither")
@@ -689,30 +756,127 @@ def audit(
         if predictions is None:
             mapping(config.scheme, scheme)  # the model's classes must map onto it
     heldout = load_heldout(model, config) if method in NEEDS_HELDOUT or config.heldout else None
-    strs = [str(p) for p in paths]
-    group = grouper(by, strs, column=engine.column)
+    by = by or "none"
+    if out is not None:
+        check_new_run_dir(out, "audit")
+    tally = Tally(method=method, scheme=scheme, replicates=replicates, heldout=heldout, model_scheme=config.scheme,
+                  labels=label_file, sampler=sampler)
     if predictions is not None:
-        rows: Iterable[dict[str, Any]] = read_predictions(predictions)
+        batches: Any = read_batches(predictions, by if by not in ("none", "folder") else None, details=tally.details)
+        lookup: dict[str, str] = {}
     else:
-        rows = _predicted_rows(strs, model=model, engine=engine, quiet=quiet)
-    folder = new_run_dir(out, "audit") if out is not None else None  # after every check of the inputs
-    if predictions is None and engine.kind == "ray":
-        rows = _ray_rows(rows, folder)
-    grouped = ({**r, "group": group(r)} for r in rows)
-    if folder is not None and predictions is None and engine.kind == "local":
-        grouped = _written(grouped, folder / "faces.jsonl")
-    result = composition(grouped, model={"name": config.name, "version": config.version, "path": str(model)},
-                         model_scheme=config.scheme, heldout=heldout, scheme=scheme, method=method,
-                         replicates=replicates, labels=label_file, sampler=sampler)
-    if sampler is not None:
-        result = replace(result, sampled={g: len(f) for g, f in sorted(sampler.faces.items())})
-    for note, kind in zip(result.warnings, result.warning_kinds):
-        warnings.warn(note, kind, stacklevel=2)
-    if folder is not None:
-        result.save(folder)
+        batches, lookup = _predicted(engine, [str(p) for p in paths], by, model=model, quiet=quiet,
+                                     details=tally.details)
+    staging = _staging(Path(out)) if out is not None else None  # after every check of the inputs
+    try:
+        for batch in batches(staging) if callable(batches) else batches:
+            tally.add(batch, _groups(batch, by, lookup))
+        result = tally.result({"name": config.name, "version": config.version, "path": str(model)})
         if sampler is not None:
-            sampler.write(folder)
-    return result
+            result = replace(result, sampled={g: len(f) for g, f in sorted(sampler.faces.items())})
+        for note, kind in zip(result.warnings, result.warning_kinds):
+            warnings.warn(printable(note), kind, stacklevel=2)
+        if staging is not None:
+            result.save(staging)
+            if sampler is not None:
+                sampler.write(staging)
+    except BaseException:
+        if staging is not None:
+            _abandon(staging)
+        raise
+    return result if staging is None else replace(result, folder=_publish(staging, Path(out)))
+
+
+def _groups(batch: RowBatch, by: str, lookup: dict[str, str]) -> list[str | None] | None:
+    """Each row's group: None (`--by none`), its image's folder, or its cell of column `by` (else the group
+    `lookup` gives its path, else `(none)`); None (only `all`) for a row that could not be read."""
+    if by == "none":
+        return None
+    if by == "folder":
+        return [_folder(p) if p is not None else None for p in batch.paths]
+    values = batch.values or [None] * len(batch)
+    return [None if p is None else str(v) if v not in (None, "") else lookup.get(p, "(none)")
+            for v, p in zip(values, batch.paths)]
+
+
+@lru_cache(maxsize=65536)
+def _parent(folder: str) -> str:
+    return str(Path(folder or "."))
+
+
+def _folder(path: str) -> str:
+    """The folder holding `path` (as Path(path).parent writes it)."""
+    cut = path.rfind("/")
+    return _parent(path[:cut] if cut > 0 else "/" if cut == 0 else "")
+
+
+def _predicted(engine: Engine, paths: list[str], by: str, *, model: str | Path, quiet: bool, details: bool
+               ) -> tuple[Any, dict[str, str]]:
+    """(the batches of the images' per-face rows, or with the ray engine a function of the run folder giving
+    them; image path -> group for `--by COLUMN`). The model, detector, paths and CSVs are checked now; the
+    images are predicted as the batches are consumed, the local rows written to faces.jsonl in the folder."""
+    from facerace.apps.sources import expand
+    from facerace.predictor import Predictor
+
+    predictor = Predictor(model, detector=engine.detector).validate()
+    column_group = by if by not in ("none", "folder") else None
+    sources = expand(paths, column=engine.column, quiet=quiet, group=column_group)
+    lookup = {s.path: s.group for s in sources if s.group is not None}
+    if column_group is not None and not lookup:
+        raise InvalidParameterError(f"--by {by}: grouping by a column needs CSV inputs that have it, or --from "
+                                    "a predictions file; use --by folder or --by none for images and folders")
+    if engine.kind == "ray":
+        from facerace.apps import ray_engine
+
+        def on_ray(folder: Path | None) -> Iterator[RowBatch]:
+            with tempfile.TemporaryDirectory(prefix="facerace-audit-") as tmp:
+                faces = (folder or Path(tmp)) / "faces"
+                ray_engine.run("predict", paths, str(faces), predictor, ray_address=engine.ray_address,
+                               workers=engine.workers, column=engine.column, quiet=quiet)
+                yield from read_batches(faces, details=details)
+
+        return on_ray, lookup
+
+    def local(folder: Path | None) -> Iterator[RowBatch]:
+        rows = _rows_of(predictor, sources, engine.workers, quiet, by)
+        if folder is not None:
+            rows = _written(rows, folder / "faces.jsonl")
+        return batches_of(rows, "group", details=details)
+
+    return local, {}
+
+
+def _staging(out: Path) -> Path:
+    """A new hidden folder beside `out` that the audit is written into before it becomes `out`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the audit folder gets the usual mode
+        return staging
+    except OSError as exc:
+        raise InvalidParameterError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _publish(staging: Path, out: Path) -> Path:
+    """Rename the complete `staging` folder to `out` (which may be an empty folder); if another run has
+    filled `out` meanwhile, keep `staging` and say where it is."""
+    try:
+        os.rename(staging, out)
+    except OSError:
+        raise InvalidParameterError(f"--out {out} was filled by another run meanwhile; this audit is complete in "
+                                    f"{staging}: rename it") from None
+    return out
+
+
+def _abandon(staging: Path) -> None:
+    """A failed or interrupted audit: keep its folder if per-face rows were computed (say where), else remove it."""
+    rows = staging / "faces.jsonl"
+    if (rows.is_file() and rows.stat().st_size) or any((staging / "faces").glob("*.parquet")):
+        notice(f"the per-face rows computed so far are kept in {staging} (audit them with --from)")
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -734,51 +898,21 @@ class Engine:
             raise InvalidParameterError("a Ray address needs the ray engine (--engine ray)")
 
 
-def _predicted_rows(paths: list[str], *, model: str | Path, engine: Engine, quiet: bool
-                    ) -> Iterator[dict[str, Any]] | Callable[[Path], Iterator]:
-    """Per-face rows of the images in `paths`, predicted in the model's own scheme; bad inputs give error rows.
-
-    The model, detector and paths are checked now; the images are predicted as the rows are consumed.
-    With the ray engine, a function of the folder to write the Parquet rows into (see `_ray_rows`).
-    """
-    from facerace.apps.sources import expand
-    from facerace.predictor import Predictor
-
-    predictor = Predictor(model, detector=engine.detector).validate()
-    if engine.kind == "ray":
-        from facerace.apps import ray_engine
-
-        def on_ray(folder: Path) -> Iterator[dict[str, Any]]:
-            ray_engine.run("predict", paths, str(folder), predictor, ray_address=engine.ray_address,
-                           workers=engine.workers, column=engine.column, quiet=quiet)
-            return read_predictions(folder)
-
-        return on_ray
-    sources = expand(paths, column=engine.column, quiet=quiet)
-    return _rows_of(predictor, sources, engine.workers, quiet)
-
-
-def _ray_rows(run_on_ray: Callable[[Path], Iterator], folder: Path | None) -> Iterator[dict[str, Any]]:
-    """The rows the cluster writes as Parquet into `folder`/faces (a temporary folder without `folder`)."""
-    if folder is not None:
-        yield from run_on_ray(folder / "faces")
-        return
-    with tempfile.TemporaryDirectory(prefix="facerace-audit-") as tmp:
-        yield from run_on_ray(Path(tmp) / "faces")
-
-
-def _rows_of(predictor: Predictor, sources: list[Source], workers: int | None, quiet: bool
+def _rows_of(predictor: Predictor, sources: list[Source], workers: int | None, quiet: bool, by: str
              ) -> Iterator[dict[str, Any]]:
+    """The per-face rows of `sources`, each with its `group` (its CSV row's cell, or its folder)."""
     from facerace.results import ImageResult
 
     results = iter(predictor.predict_paths([s.path for s in sources if s.error is None], workers=workers))
     for source in progress_bar(sources, quiet=quiet or len(sources) < 2, desc="predicting", unit="img"):
-        yield from (ImageResult(path=source.path, error=source.error) if source.error else next(results)).rows()
+        group = None if by == "none" else _folder(source.path) if by == "folder" else source.group or "(none)"
+        for row in (ImageResult(path=source.path, error=source.error) if source.error else next(results)).rows():
+            yield {**row, "group": group}
 
 
 def _written(rows: Iterable[dict[str, Any]], path: Path) -> Iterator[dict[str, Any]]:
     """Pass rows through, writing each as a JSON line to `path`."""
     with open(path, "w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_text(row) + "\n")
             yield row

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     from facerace.head import HeadParams
     from facerace.labels import SCHEMES
     from facerace.apps.audit import AUDIT_METHODS
-    from facerace.quantify import ADJUSTED
+    from facerace.quantify import ADJUSTED, MAX_REPLICATES
     from facerace.training.config import TrainConfig
     from facerace.version import __version__
 
@@ -135,8 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="the composition of a photo collection per group, with adjusted estimates "
                                       "and 95%% intervals")
     au.add_argument("paths", nargs="*", metavar="PATH", help="image, folder (recursive), glob or CSV of paths")
-    au.add_argument("--out", "-o", type=Path, required=True, metavar="DIR",
-                    help="new folder for composition.csv/.json/.png, faces.jsonl and report.md")
+    au.add_argument("--out", "-o", type=Path, metavar="DIR",
+                    help="new folder for composition.csv/.json/.png, faces.jsonl and report.md "
+                         "(default runs/audit/expN)")
     au.add_argument("--by", default="none", help="group by: none (default), folder (the folder holding each "
                                                  "image) or a column of the input CSVs / the --from file")
     au.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
@@ -159,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                          ".parquet file or Parquet folder) instead of PATHs")
     au.add_argument("--column", help="CSV column holding paths (default: path or file); they must stay inside "
                                      "the CSV's folder")
-    au.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per interval (default 1000)")
+    au.add_argument("--replicates", type=int, default=1000,
+                    help=f"bootstrap replicates per interval, 1 to {MAX_REPLICATES:,} (default 1000)")
     _engine(au)
     au.add_argument("--workers", type=int, help="processes for many files (default: all cores)")
 
@@ -606,21 +608,23 @@ def _export(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from facerace.apps.audit import Engine, audit
+    from facerace.training.runs import next_run_dir
 
     engine = Engine("ray" if _engine_is_ray(args) else "local", args.ray_address, args.workers, args.detector,
                     args.column)
-    result = audit(args.paths, out=args.out, by=args.by, scheme=args.scheme, model=args.model, method=args.method,
-                   predictions=args.predictions, engine=engine, replicates=args.replicates, labels=args.labels,
-                   sample=args.sample, quiet=args.quiet)
+    result = audit(args.paths, out=args.out or next_run_dir("audit"), by=args.by, scheme=args.scheme,
+                   model=args.model, method=args.method, predictions=args.predictions, engine=engine,
+                   replicates=args.replicates, labels=args.labels, sample=args.sample, quiet=args.quiet)
     everything = result.groups[0]
+    folder = printable(result.folder)
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in everything.skipped.items())
     labelled = f", {everything.labelled} labelled" if result.labels is not None else ""
     _say(f"{everything.faces} faces{labelled} from {result.images} images ({skipped}) in "
-         f"{max(1, len(result.groups) - 1)} group(s); method {result.method_used}: {args.out}/report.md",
+         f"{max(1, len(result.groups) - 1)} group(s); method {result.method_used}: {folder}/report.md",
          quiet=args.quiet)
     if result.sampled is not None:
-        _say(f"{sum(result.sampled.values())} faces to label in {args.out}/sample.csv: label them with `facerace "
-             f"label {args.out}`, then run this audit again with --labels {args.out}/labels.csv")
+        _say(f"{sum(result.sampled.values())} faces to label in {folder}/sample.csv: label them with `facerace "
+             f"label {folder}`, then run this audit again with --labels {folder}/labels.csv")
     return 0
 
 

@@ -6,25 +6,117 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 from facerace.errors import InvalidParameterError
 from facerace.files import notice
 from facerace.images import IMAGE_SUFFIXES
 
 CSV_COLUMNS = ("path", "file")
+#: The longest line (bytes) a CSV (or a JSON-lines file read back) may have; csv's own limit on a cell is 131,072.
+MAX_LINE = 1 << 20
+#: What a line that cannot be read becomes, for the rows of a tolerant `read_csv`.
+_BAD_LINE = "\ufdd0"
 
 
 @dataclass(frozen=True)
 class Source:
-    """One image to analyse, or the reason it cannot be (a bad CSV row)."""
+    """One image to analyse, or the reason it cannot be (a bad CSV row); `group`: its CSV row's group cell."""
 
     path: str
     error: str | None = None
+    group: str | None = None
+
+
+class BadLine(ValueError):
+    """A line of a text file that cannot be read: not UTF-8, or longer than MAX_LINE bytes."""
+
+
+def text_lines(stream: IO[bytes]) -> Iterator[str | BadLine]:
+    """The lines of a binary stream decoded as UTF-8 (a leading BOM dropped); a line that is not UTF-8 or is
+    longer than MAX_LINE bytes is a BadLine (the longest is skipped, never held whole)."""
+    first = True
+    while True:
+        line = stream.readline(MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while (rest := stream.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                pass
+            yield BadLine(f"a line over {MAX_LINE:,} bytes")
+            continue
+        try:
+            text = line.decode("utf-8-sig" if first else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield BadLine(f"not UTF-8 text (byte {exc.start + 1}: {exc.reason})")
+        else:
+            yield text
+        first = False
+
+
+def read_csv(path: str | Path, what: str = "CSV file", *, tolerant: bool = False
+             ) -> tuple[list[str], Iterable[tuple[int, dict[str, str] | str]]]:
+    """The one reader of the CSV files users give facerace (paths, groups, labels, rows read back):
+    (column names, rows as (line, {column: cell})) of a UTF-8 CSV file with a header (a BOM is dropped).
+
+    A file that cannot be opened or has no header is an InvalidParameterError naming it (as
+    `what`). A line that is not UTF-8, a cell over csv's 131,072-character limit or a line over
+    MAX_LINE bytes is one too, naming the file and line; the rows are then a list. With
+    `tolerant` they are read as they are consumed, and such a row is (line, reason) instead of a
+    dict. Rows with fewer cells get None for the missing ones.
+    """
+    try:
+        stream = open(path, "rb")
+    except OSError as exc:
+        raise InvalidParameterError(f"{path}: cannot read this CSV ({exc.strerror or exc})") from None
+    lines = text_lines(stream)
+    problems: list[str] = []
+
+    def decoded() -> Iterator[str]:
+        for line in lines:
+            if isinstance(line, BadLine):
+                problems.append(str(line))
+                yield _BAD_LINE + "\n"
+            else:
+                yield line
+
+    reader = csv.reader(decoded())
+    try:
+        header = next(reader, None)
+    except (csv.Error, OSError) as exc:
+        stream.close()
+        raise InvalidParameterError(f"{path}: not a {what} with a header line ({exc})") from None
+    if header is None or header == [_BAD_LINE] or not any(header):
+        stream.close()
+        reason = problems[0] if problems else "no header line"
+        raise InvalidParameterError(f"{path}: not a {what} with a header line ({reason}); save it as UTF-8 text "
+                                    "(any spreadsheet's \"CSV UTF-8\" format)")
+
+    def rows() -> Iterator[tuple[int, dict[str, str] | str]]:
+        with stream:
+            while True:
+                try:
+                    row = next(reader, None)
+                    reason = problems.pop() if row == [_BAD_LINE] else None
+                except csv.Error as exc:  # a cell over the csv module's size limit, ...
+                    row, reason = [], f"not a {what} ({exc})"
+                except OSError as exc:
+                    raise InvalidParameterError(f"{path}: cannot read this CSV ({exc.strerror or exc})") from None
+                if row is None:
+                    return
+                if reason is not None:
+                    if not tolerant:
+                        raise InvalidParameterError(f"{path}: {reason} at line {reader.line_num}; save the CSV as "
+                                                    "UTF-8 text (any spreadsheet's \"CSV UTF-8\" format)")
+                    yield reader.line_num, reason
+                elif row:
+                    yield reader.line_num, dict(zip(header, row + [None] * (len(header) - len(row))))
+
+    return header, (rows() if tolerant else list(rows()))
 
 
 def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path | None = None,
-           quiet: bool = False) -> list[Source]:
+           quiet: bool = False, group: str | None = None) -> list[Source]:
     """Expand PATH arguments into images, in order.
 
     A folder gives its image files (recursive, sorted); a pattern with * ? [ gives its
@@ -32,10 +124,13 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
     resolved against the CSV's folder and refused outside `root` (default: that folder).
     Folders and patterns never follow symbolic links to folders (no loops) and give each
     file once (by its real path); the files they skip for their extension are counted on
-    stderr (unless `quiet`). Raises InvalidParameterError for a missing path, a glob with no match, a bad
-    column or a CSV that cannot be read as UTF-8 text.
+    stderr (unless `quiet`). With `group`, each CSV row's Source carries that column's cell (`(none)`
+    if empty). A CSV row is one image: an image listed twice (in one CSV or in two) is refused,
+    naming both lines. Raises InvalidParameterError for a missing path, a glob with no match, a bad
+    column, a listed duplicate or a CSV that cannot be read as UTF-8 text.
     """
     out: list[Source] = []
+    listed: dict[str, str] = {}
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
@@ -44,7 +139,7 @@ def expand(paths: Sequence[str], *, column: str | None = None, root: str | Path 
                 raise InvalidParameterError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             out += found
         elif p.is_file() and p.suffix.lower() == ".csv":
-            out += _from_csv(p, column, Path(root) if root else None)
+            out += _from_csv(p, column, Path(root) if root else None, group, listed)
         elif p.exists():
             out.append(Source(str(p)))
         elif any(ch in arg for ch in "*?["):
@@ -87,53 +182,38 @@ def _images(candidates: Iterable[Path], arg: str, *, images_only: bool = True, q
     return files
 
 
-def read_csv(path: str | Path, what: str = "CSV file") -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """(column names, [(line number, row)]) of a UTF-8 CSV file with a header (a BOM is dropped).
-
-    The one reader of the CSV files users give facerace (paths, labels). Raises InvalidParameterError
-    naming the file (as `what`) when it cannot be read, is not UTF-8 text or is not CSV.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = [(line, row) for line, row in enumerate(reader, start=2)]
-            return list(reader.fieldnames or []), rows
-    except UnicodeDecodeError as exc:
-        raise InvalidParameterError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the CSV as "
-                                    "UTF-8 (any spreadsheet's \"CSV UTF-8\" format)") from None
-    except csv.Error as exc:  # a field over the csv module's size limit, ...
-        raise InvalidParameterError(f"{path}: not a {what} ({exc})") from None
-    except OSError as exc:
-        raise InvalidParameterError(f"{path}: cannot read this CSV ({exc.strerror or exc})") from None
-
-
-def _from_csv(path: Path, column: str | None, root: Path | None) -> list[Source]:
+def _from_csv(path: Path, column: str | None, root: Path | None, group: str | None,
+              listed: dict[str, str]) -> list[Source]:
+    """The sources in column `column` (default `path` or `file`) of CSV file `path`, with their `group` cells;
+    `listed` (real path -> where it was listed) refuses an image listed twice."""
     fields, rows = read_csv(path, "CSV file of paths")
-    return _csv_sources(path, fields, rows, column, root)
-
-
-def _csv_sources(path: Path, fields: list[str], rows: list[tuple[int, dict[str, str]]], column: str | None,
-                 root: Path | None) -> list[Source]:
-    """The sources in column `column` (default `path` or `file`) of the rows of CSV file `path`."""
     name = column or next((c for c in CSV_COLUMNS if c in fields), None)
-    if name is None or name not in fields:
-        wanted = repr(column) if column else "'path' or 'file'"
-        raise InvalidParameterError(
-            f"{path}: no column {wanted}; its columns are: {', '.join(fields) or '(none)'}. "
-            f"Pass --column NAME to choose one."
-        )
+    for wanted, option in ((name, "--column"), (group, "--by")):
+        if wanted is not None and wanted not in fields or wanted is None and option == "--column":
+            shown = repr(wanted) if wanted else "'path' or 'file'"
+            raise InvalidParameterError(f"{path}: no column {shown}; its columns are: {', '.join(fields) or '(none)'}"
+                                        f". Pass {option} NAME to choose one.")
+    assert name is not None
     allowed = (root or path.parent).resolve()
     out = []
     for line, row in rows:
+        assert isinstance(row, dict)
         value = (row.get(name) or "").strip()
+        cell = (row.get(group) or "(none)") if group else None
         if not value or "\x00" in value:
-            out.append(Source(f"{path}:{line}", f"{'empty' if not value else 'NUL character in the'} {name!r} cell"))
+            out.append(Source(f"{path}:{line}", f"{'empty' if not value else 'NUL character in the'} {name!r} cell",
+                              cell))
             continue
         target = Path(value) if Path(value).is_absolute() else path.parent / value
-        if not target.resolve().is_relative_to(allowed):
-            out.append(Source(value, f"outside the allowed folder {allowed} (pass --root to allow another)"))
+        real = os.path.realpath(target)
+        if real in listed:
+            raise InvalidParameterError(f"{path}, line {line}: {value!r} is also listed at {listed[real]}; a CSV row "
+                                        "is one image (in one group): list each image once")
+        listed[real] = f"{path}, line {line}"
+        if not Path(real).is_relative_to(allowed):
+            out.append(Source(value, f"outside the allowed folder {allowed} (pass --root to allow another)", cell))
         else:
-            out.append(Source(str(target)))
+            out.append(Source(str(target), None, cell))
     return out
 
 

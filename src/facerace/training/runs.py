@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from datetime import UTC, datetime
@@ -10,6 +9,24 @@ from pathlib import Path
 from typing import Any
 
 from facerace.errors import InvalidParameterError
+from facerace.textout import json_text
+
+
+def check_new_run_dir(out: str | Path, verb: str) -> Path:
+    """`out` as a Path if it is new or an empty folder, else an InvalidParameterError (runs are never overwritten)."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InvalidParameterError(f"{path} already exists and is not empty; runs are never overwritten: "
+                                    f"choose another --out, or omit it to get runs/{verb}/expN")
+    return path
+
+
+def next_run_dir(verb: str) -> Path:
+    """The first `runs/<verb>/expN` that does not exist yet (not created)."""
+    n = 1
+    while (Path("runs") / verb / f"exp{n}").exists():
+        n += 1
+    return Path("runs") / verb / f"exp{n}"
 
 
 #: The file that claims a run folder for one run (created exclusively, so two runs never share a folder).
@@ -21,10 +38,7 @@ def new_run_dir(out: str | Path | None, verb: str, name: str | None = None) -> P
     (or `runs/<verb>/<name>`, then `<name>-2`, ... when `name` is given). The folder is claimed with an
     exclusively created CLAIM_FILE: a second run given the same folder at the same time is refused."""
     if out is not None:
-        path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise InvalidParameterError(f"{path} already exists and is not empty; runs are never overwritten: "
-                                f"choose another --out, or omit it to get runs/{verb}/expN")
+        path = check_new_run_dir(out, verb)
         path.mkdir(parents=True, exist_ok=True)
         if not _claim(path):
             raise InvalidParameterError(f"{path}: another run is writing into this folder; runs are never "
@@ -68,7 +82,7 @@ def write_json(path: Path, data: Any) -> Path:
     from facerace.files import atomic_output
 
     with atomic_output(path, "w") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
+        f.write(json_text(data, indent=2) + "\n")
     return path
 
 
