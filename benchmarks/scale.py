@@ -1,6 +1,6 @@
 """`facerace predict` on FairFace val with the local engine and with Ray (1 and 2 worker nodes), to Parquet.
 
-    python benchmarks/scale.py --fairface ../shared/datasets/fairface [--n 2871] [--small 28]
+    python benchmarks/scale.py --fairface ../shared/datasets/fairface [--n 2871] [--small 28] [--configs ray:2]
 
 Each configuration runs in a fresh process: the Ray cluster (if any) is started once and timed
 ("cluster start"), then `facerace predict` runs on the first `--small` images and on the first
@@ -115,7 +115,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2871)
     ap.add_argument("--small", type=int, default=28)
     ap.add_argument("--model", default="default")
+    ap.add_argument("--configs", default=",".join(f"{e}:{w}" for e, w in CONFIGS),
+                    help="ENGINE:WORKERS, comma-separated (default: all four)")
     args = ap.parse_args()
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
         files = [str((args.fairface / r["file"]).resolve()) for r in csv.DictReader(f)][: args.n]
     lines = []
@@ -124,7 +127,7 @@ def main() -> None:
         for size in (args.small, len(files)):
             listings.append(Path(tmp) / f"first{size}.csv")
             listings[-1].write_text("path\n" + "\n".join(files[:size]) + "\n")
-        for engine, workers in CONFIGS:
+        for engine, workers in configs:
             m = measure(engine, workers, listings, args.model)
             print(f"{engine} x{workers}: {m}", file=sys.stderr, flush=True)
             small, full = m["runs"]

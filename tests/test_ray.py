@@ -79,7 +79,7 @@ def test_ray_predict_gives_the_local_rows(cluster, inputs, tmp_path):
     code, err = cli("predict", *inputs, "--engine", "ray", "--output", remote)
     assert code == 0, err
     assert "images" in err and "faces/s" in err
-    assert len(list(remote.glob("*.parquet"))) == 1  # rows gathered into files of ROWS_PER_FILE, not one per block
+    assert len(list(remote.glob("*.parquet"))) == 1  # rows gathered into files of ROWS_PER_FILE by the driver
     assert pq.read_schema(next(remote.glob("*.parquet"))).equals(pq.read_schema(local / "part-00000.parquet"),
                                                                  check_metadata=True)
     a, b = rows(local), rows(remote)
@@ -207,3 +207,31 @@ def test_undecodable_file_names_are_written_losslessly_by_ray(cluster, faces, tm
     code, err = cli("predict", folder, "--engine", "ray", "--output", tmp_path / "out", "-q")
     assert code == 0, err
     assert sorted(Path(r["path"]).name for r in rows(tmp_path / "out")) == ["caf\\udce9.jpg", "ok.jpg"]
+
+
+def test_ctrl_c_on_ray_keeps_the_finished_rows_as_valid_parquet(cluster, faces, tmp_path, monkeypatch):
+    """Ctrl-C once the first rows came back: what the driver holds is written, the message counts the images."""
+    import _thread
+
+    from facerace.apps import ray_engine
+
+    monkeypatch.setattr(ray_engine, "FLUSH_SECONDS", 0.0)  # every table written at once: the test sees rows early
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(6):
+        for f in faces:
+            shutil.copy(f, folder / f"{i}_{f.name}")
+    out = tmp_path / "out"
+
+    def interrupt() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.glob("*.parquet")):
+            time.sleep(0.05)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    code, err = cli("predict", folder, "--engine", "ray", "--output", out, "-q")
+    assert code == 130 and "images done" in err and "kept in" in err, err
+    done = int(err.split("interrupted: ")[1].split(" of ")[0])
+    table = pq.read_table(out)  # every file valid
+    assert 0 < done < 42 and len(set(table.column("path").to_pylist())) == done == table.num_rows

@@ -8,13 +8,15 @@ writes their Arrow tables to Parquet with backpressure. Failure handling:
   (at most MAX_TASK_RETRIES times; Ray Data's default retries forever, so one poison image would
   never end the job); a batch still failing is dropped, its images are retried one by one, and an
   image that kills its worker every time gets an "error" row from the driver;
-- actors reserve ACTOR_CPUS (< 1) and the Parquet writers TASK_CPUS, so on a small cluster the
-  writers can always be scheduled next to one actor per core (whole-CPU actors deadlock silently).
+- actors reserve ACTOR_CPUS (< 1), leaving room beside one actor per core for Ray Data's own tasks.
 
-Rows are gathered into Parquet files of about ROWS_PER_FILE rows: Ray keeps at most one idle
-worker process per CPU, so next to one actor per core each write task tends to start a new
-process (Python, Ray, Ray Data: about 2 s of CPU); one write per 64-image block took half of the
-CPU of 2 one-core workers (docs/BENCHMARKS.md, "Scaling out").
+The driver writes the rows (`PartWriter`): the actors' Arrow tables stream back to it
+(`iter_batches`), and it writes a Parquet file whenever ROWS_PER_FILE rows or FLUSH_SECONDS of
+work have gathered, so a crash or Ctrl-C loses at most that much, and Ctrl-C writes what it holds
+before it stops. There are no write tasks: Ray keeps at most one idle worker process per CPU, so
+next to one actor per core each write task tended to start a new process (Python, Ray, Ray Data:
+about 2 s of CPU); one write per 64-image block took half of the CPU of 2 one-core workers
+(docs/BENCHMARKS.md, "Scaling out"), one per 10,000 rows still one process per file.
 
 `import ray` happens here only: neither `import facerace` nor the local engine loads Ray.
 """
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from facerace.apps.sources import Source, expand
 from facerace.apps.tables import filesystem, new_output_folder, pyarrow, row_schema, to_table
-from facerace.errors import InvalidParameterError, MissingDependencyError, check_choice
+from facerace.errors import Interrupted, InvalidParameterError, MissingDependencyError, check_choice
 from facerace.images import IMAGE_SUFFIXES
 from facerace.predictor import Predictor
 from facerace.results import ImageResult
@@ -45,9 +47,8 @@ if TYPE_CHECKING:
 KINDS = ("predict", "embed")
 #: URI schemes read through pyarrow's file systems (credentials from the usual environment variables / files).
 REMOTE = ("s3://", "gs://")
-#: CPU reserved per actor, and per read/write task: fractions, so writers fit beside one actor per core.
+#: CPU reserved per actor: a fraction, so Ray Data's own tasks fit beside one actor per core.
 ACTOR_CPUS = 0.75
-TASK_CPUS = 0.25
 #: Bounded fault tolerance: restarts per actor, retries per batch on a restarted actor.
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 2
@@ -55,6 +56,8 @@ MAX_TASK_RETRIES = 2
 BLOCK_IMAGES = 64
 BATCH_IMAGES = 8
 ROWS_PER_FILE = 10_000
+#: The driver writes the rows it holds at least this often (seconds), so a crash loses at most this much work.
+FLUSH_SECONDS = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +200,51 @@ def _check_reachable(address: str, setting: str) -> None:
             f"machine") from None
 
 
-def _process(items: list[dict[str, Any]], predictor: Predictor, kind: str, output: str, actors: int,
+class PartWriter:
+    """The driver's writer: Arrow tables of rows in, Parquet files `NAME-NNNNN.parquet` in `output` out, one per
+    ROWS_PER_FILE rows or FLUSH_SECONDS (whichever comes first) and one for the rest at `flush()`. A local file is
+    written under a hidden name and renamed when complete; an object store's appears only when complete."""
+
+    def __init__(self, output: str, name: str) -> None:
+        from pyarrow import fs
+
+        self.filesys, self.path = filesystem(output)
+        self.local = isinstance(self.filesys, fs.LocalFileSystem)
+        self.name, self.files, self.images = name, 0, 0
+        self._pending: list[pa.Table] = []
+        self._rows, self._since = 0, time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._rows += len(table)
+        if self._rows >= ROWS_PER_FILE or time.monotonic() - self._since >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held now as one file (nothing if none)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        pa = pyarrow()
+        self._since = time.monotonic()
+        if not self._rows:
+            return
+        table = pa.concat_tables(self._pending)
+        final = f"{self.path}/{self.name}-{self.files:05d}.parquet"
+        target = f"{self.path}/.{self.name}-{self.files:05d}.parquet.partial" if self.local else final
+        pq.write_table(table, target, filesystem=self.filesys)
+        if self.local:
+            self.filesys.move(target, final)
+        face = table["face"]  # an image's first row: face 0, or its only row (no face, error)
+        self.images += pc.sum(pc.or_kleene(pc.is_null(face), pc.equal(face, 0))).as_py() or 0
+        self.files += 1
+        self._pending, self._rows = [], 0
+
+
+def _process(items: list[dict[str, Any]], predictor: Predictor, kind: str, sink: PartWriter, actors: int,
              batch_size: int) -> None:
-    """One Ray Data pass over `items` ({"path", "error"} dicts), appending Parquet files to `output`."""
+    """One Ray Data pass over `items` ({"path", "error"} dicts), the rows written by `sink` as they come back."""
     ray = _ray()
-    filesys, path = filesystem(output)
     blocks = min(len(items), max(4 * actors, math.ceil(len(items) / BLOCK_IMAGES)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     with warnings.catch_warnings():  # Ray 2.60 has no named parameter for the restart bounds yet (the pin holds)
@@ -210,8 +253,11 @@ def _process(items: list[dict[str, Any]], predictor: Predictor, kind: str, outpu
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=ACTOR_CPUS,
                             max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-    ds.write_parquet(path, filesystem=filesys, min_rows_per_file=ROWS_PER_FILE,
-                     ray_remote_args={"num_cpus": TASK_CPUS})
+    try:
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            sink.add(table)
+    finally:  # also on Ctrl-C or a failed job: the rows that came back are written
+        sink.flush()
 
 
 def _written(output: str, columns: list[str]) -> pa.Table | None:
@@ -275,13 +321,21 @@ def run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, *, 
         # a batch that keeps killing its worker is dropped, not fatal: its images are retried alone below
         context.max_errored_blocks = -1
         items = [{"path": s.path, "error": s.error or ""} for s in sources]  # "": Arrow needs one column type
-        _process(items, predictor, kind, output, actors, BATCH_IMAGES)
-        lost = retried = _missing([s.path for s in sources], output)
-        if lost:
-            if not quiet:
-                print(f"{len(lost)} image(s) lost with a dead worker; retrying them one by one", file=sys.stderr)
-            _process([i for i in items if i["path"] in lost], predictor, kind, output, min(actors, len(lost)), 1)
-            lost = _missing(sorted(lost), output)
+        sinks = [PartWriter(output, "part")]
+        try:
+            _process(items, predictor, kind, sinks[0], actors, BATCH_IMAGES)
+            lost = retried = _missing([s.path for s in sources], output)
+            if lost:
+                if not quiet:
+                    print(f"{len(lost)} image(s) lost with a dead worker; retrying them one by one", file=sys.stderr)
+                sinks.append(PartWriter(output, "retried"))
+                _process([i for i in items if i["path"] in lost], predictor, kind, sinks[1], min(actors, len(lost)),
+                         1)
+                lost = _missing(sorted(lost), output)
+        except KeyboardInterrupt:
+            done = sum(sink.images for sink in sinks)
+            raise Interrupted(f"{done} of {len(sources)} images done; their rows were kept in {output} (valid "
+                              f"Parquet files)") from None
         if lost:
             reason = f"the worker died on this image {MAX_TASK_RETRIES + 1} times (a crash or out of memory)"
             rows = [r for p in sorted(lost) for r in ImageResult(path=p, error=reason).rows()]
