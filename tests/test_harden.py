@@ -471,3 +471,20 @@ def test_a_request_in_flight_holds_at_most_one_copy_of_its_body(monkeypatch):
     assert answer["http.response.start"]["status"] == 422  # not an image, after it was read whole
     assert waiting and waiting[0] < size / 4, f"{waiting[0] / 2**20:.1f} MiB held while waiting"
     assert peak < 1.5 * size, f"peak {peak / 2**20:.1f} MiB for a body of {size / 2**20:.0f} MiB"
+
+
+def test_undecodable_file_and_folder_names_reach_every_audit_file(tmp_path, faces):
+    import csv
+    import json
+
+    group = tmp_path / "in" / os.fsdecode(b"gr\xfcn")
+    group.mkdir(parents=True)
+    shutil.copy(faces[0], group / UNDECODABLE)
+    code, _, err = run_cli("audit", tmp_path / "in", "--by", "folder", "--out", tmp_path / "out", "--workers", "1",
+                           "--replicates", "20", "-q")
+    assert code == 0, err
+    texts = {p.name: p.read_bytes().decode("utf-8") for p in (tmp_path / "out").iterdir() if p.suffix != ".png"}
+    assert {"composition.csv", "composition.json", "faces.jsonl", "report.md"} <= set(texts)
+    groups = {r["group"] for r in csv.DictReader(texts["composition.csv"].splitlines())}
+    assert any(g.endswith("gr\\udcfcn") for g in groups), groups
+    assert json.loads(texts["faces.jsonl"].splitlines()[0])["path"].endswith(UNDECODABLE)

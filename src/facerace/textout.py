@@ -21,10 +21,10 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u20
 def csv_cell(value: Any) -> Any:
     """`value` safe for a spreadsheet: numbers (numpy's too) and None unchanged; anything else is
     written as text (paths included), with a leading `'` if it starts with = + - @ tab or CR (the
-    OWASP rule)."""
+    OWASP rule), and as valid UTF-8 (`utf8_text`: a file name's undecodable bytes as `\\udcXX`)."""
     if value is None or isinstance(value, numbers.Number):
         return value
-    text = str(value)
+    text = utf8_text(str(value))
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
