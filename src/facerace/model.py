@@ -22,6 +22,7 @@ from facerace.faces import MAX_FACES, MIN_FACE, FacePipeline
 from facerace.files import sha256_file
 from facerace.head import RaceHead
 from facerace.labels import SCHEMES
+from facerace.textout import json_text
 
 if TYPE_CHECKING:
     from facerace.quantify import HeldOut
@@ -394,7 +395,7 @@ def save_model(path: Path, config: ModelConfig, head: RaceHead, tuned: dict[str,
     if heldout is not None:
         extra.update(heldout=HELDOUT_FILE, heldout_sha256=save_heldout(path / HELDOUT_FILE, heldout))
     final = ModelConfig.from_dict({**config.to_dict(), "sha256": sha256_file(path / config.weights), **extra})
-    (path / CONFIG_FILE).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
+    (path / CONFIG_FILE).write_text(json_text(final.to_dict(), indent=2) + "\n")
     return final
 
 

@@ -482,6 +482,7 @@ class Tally:
         if name not in self.skipped:
             if len(self.skipped) > MAX_GROUPS:
                 self.pooled += 1
+                self.skipped.setdefault(OTHER_GROUPS, Counter())
                 return OTHER_GROUPS
             self.skipped[name] = Counter()
         return name
@@ -768,8 +769,9 @@ def audit(
         batches, lookup = _predicted(engine, [str(p) for p in paths], by, model=model, quiet=quiet,
                                      details=tally.details)
     staging = _staging(Path(out)) if out is not None else None  # after every check of the inputs
+    stream = iter(batches(staging) if callable(batches) else batches)
     try:
-        for batch in batches(staging) if callable(batches) else batches:
+        for batch in stream:
             tally.add(batch, _groups(batch, by, lookup))
         result = tally.result({"name": config.name, "version": config.version, "path": str(model)})
         if sampler is not None:
@@ -781,6 +783,7 @@ def audit(
             if sampler is not None:
                 sampler.write(staging)
     except BaseException:
+        getattr(stream, "close", lambda: None)()  # the rows written so far reach faces.jsonl
         if staging is not None:
             _abandon(staging)
         raise

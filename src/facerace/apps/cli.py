@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from facerace.errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
-from facerace.textout import printable
+from facerace.textout import json_text, printable
 
 if TYPE_CHECKING:
     from facerace.apps.output import RowWriter
@@ -664,7 +664,7 @@ def _stream(args: argparse.Namespace) -> int:
                             classify_every=args.classify_every, smooth=args.smooth, max_frames=args.max_frames,
                             report_every_s=None if args.quiet else 2.0):
             if rows:
-                out.writelines(json.dumps(row) + "\n" for row in frame.rows())
+                out.writelines(json_text(row) + "\n" for row in frame.rows())
                 out.flush()
     if args.output:
         _say(f"{'annotated video' if video else 'rows'}: {args.output}", quiet=args.quiet)

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import IO, Any, Sequence
 
 from facerace.errors import InvalidParameterError
 from facerace.results import LANDMARK_NAMES
-from facerace.textout import CsvWriter, fit, printable
+from facerace.textout import CsvWriter, fit, json_text, printable
 
 FORMATS = ("table", "json", "jsonl", "csv", "parquet")
 
@@ -65,9 +64,9 @@ class RowWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         if self.fmt == "json":
-            self.stream.write(("," if self.count else "") + "\n  " + json.dumps(row))
+            self.stream.write(("," if self.count else "") + "\n  " + json_text(row))
         elif self.fmt == "jsonl":
-            self.stream.write(json.dumps(row) + "\n")
+            self.stream.write(json_text(row) + "\n")
         elif self.fmt == "csv":
             box = row["box"] or [None] * 4
             probs = row["probabilities"] or {}

@@ -23,7 +23,7 @@ from facerace.errors import InvalidParameterError
 from facerace.files import atomic_output
 from facerace.labels import MAPPINGS, SCHEMES, convert_probabilities, reachable
 from facerace.quantify import SHIFT_BINS, Stratum, top_histogram
-from facerace.textout import CsvWriter
+from facerace.textout import CsvWriter, json_text
 
 #: sample.csv's columns (`label` left empty for the person labelling; `crop`: the face's picture).
 SAMPLE_COLUMNS = ("path", "face", "group", "box", "label", "crop")
@@ -265,7 +265,7 @@ class Sampler:
         for group in sorted(self.faces):
             for face in sorted(self.faces[group], key=lambda f: (str(f["path"]), f["face"] or 0)):
                 rows.append({"path": face_key(face["path"])[0], "face": face["face"] or 0, "group": group,
-                             "box": json.dumps(face["box"]), "label": "", "crop": ""})
+                             "box": json_text(face["box"]), "label": "", "crop": ""})
         for i, row in enumerate(rows, 1):
             name = f"sample/{i:05d}.jpg"
             if save_crop(row["path"], json.loads(row["box"]), out / name):
