@@ -11,11 +11,13 @@ them. Exporting needs PyTorch; running the file needs only ONNX Runtime.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 from facerace.backbones import BACKBONES, create_network, require_torch, split_backbones
 from facerace.errors import InvalidParameterError
+from facerace.files import partial_name
 from facerace.model import load_model, tuned_file
 
 
@@ -60,7 +62,13 @@ def export_onnx(model: str | Path = "default", path: str | Path = "facerace.onnx
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(Whole().eval(), examples, str(out), input_names=inputs, output_names=["probabilities"],
-                          dynamic_axes={**{i: {0: "batch"} for i in inputs}, "probabilities": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        partial = partial_name(out)  # renamed when complete: a reader never loads half a graph
+        try:
+            torch.onnx.export(Whole().eval(), examples, str(partial), input_names=inputs,
+                              output_names=["probabilities"],
+                              dynamic_axes={**{i: {0: "batch"} for i in inputs}, "probabilities": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
     return out

@@ -62,9 +62,9 @@ def cached_build(target: Path, build: Callable[[], bytes]) -> Path:
 
 
 def partial_name(target: Path) -> Path:
-    """A hidden name `target` is written under until it is complete (new for every call: runs in other processes
-    or threads writing the same target get their own)."""
-    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    """A hidden name `target` is written under until it is complete, ending in `target`'s extension (for writers
+    that choose the format by it); new for every call: runs in other processes or threads get their own."""
+    return target.with_name(f".{target.stem}.{os.getpid()}-{secrets.token_hex(4)}.partial{target.suffix}")
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import numpy as np
 
 from facerace.detect import Detection
 from facerace.errors import InvalidParameterError
+from facerace.files import partial_name
 from facerace.predictor import Predictor
 from facerace.results import FaceResult
 
@@ -205,8 +206,9 @@ def stream(
                 shown = np.asarray(annotate(rgb, [f.face for f in faces], tags=[f"#{f.track_id}" for f in faces])
                                    )[:, :, ::-1]
                 if output is not None:
-                    if writer is None:
-                        writer = cv2.VideoWriter(str(output), cv2.VideoWriter_fourcc(*"mp4v"), rate or 25.0,
+                    if writer is None:  # written under a hidden name, renamed when finished
+                        partial = partial_name(Path(output))
+                        writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), rate or 25.0,
                                                  (shown.shape[1], shown.shape[0]))
                     writer.write(np.ascontiguousarray(shown))
                 if display:
@@ -226,6 +228,7 @@ def stream(
         capture.release()
         if writer is not None:
             writer.release()
+            os.replace(partial, output)
         if display:
             cv2.destroyAllWindows()
         if report_every_s is not None:
