@@ -488,3 +488,23 @@ def test_undecodable_file_and_folder_names_reach_every_audit_file(tmp_path, face
     groups = {r["group"] for r in csv.DictReader(texts["composition.csv"].splitlines())}
     assert any(g.endswith("gr\\udcfcn") for g in groups), groups
     assert json.loads(texts["faces.jsonl"].splitlines()[0])["path"].endswith(UNDECODABLE)
+
+
+def test_outputs_that_are_links_or_fifos_are_written_through_not_replaced(tmp_path, faces):
+    import threading
+
+    real = tmp_path / "real.jsonl"
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    assert run_cli("predict", faces[0], "-o", link, "--workers", "1", "-q")[0] == 0
+    assert link.is_symlink() and len(_text_rows(real, "jsonl")) == 1
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert run_cli("predict", faces[0], "-o", fifo, "--workers", "1", "-q")[0] == 0
+    reader.join(30)
+    assert fifo.is_fifo() and b'"status": "ok"' in got[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "pipe.jsonl", "real.jsonl"]

@@ -73,8 +73,14 @@ def atomic_output(target: str | Path, mode: str = "w", *, keep_partial: bool = F
     """A file opened under a hidden temporary name beside `target` and renamed to `target` when the block ends,
     so a reader (or a second run writing the same file) never sees half a file: the last run to finish wins,
     whole. If the block raises, the partial file is renamed too with `keep_partial` (rows finished before a
-    Ctrl-C are kept), else removed."""
+    Ctrl-C are kept), else removed. A target that exists and is not a regular file (/dev/stdout, a FIFO) is
+    written to directly; a link to a file replaces the file and keeps the link."""
     target = Path(target)
+    if target.exists() and not target.is_file():  # /dev/stdout, a FIFO, a device: written to directly
+        with open(target, mode, **open_args) as f:
+            yield f
+        return
+    target = target.resolve()  # a link to a file: the file is replaced, the link kept
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_name(target)
     complete = False

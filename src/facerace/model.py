@@ -33,7 +33,7 @@ WEIGHTS_FILE = "head.safetensors"
 TUNED_FILE = "backbone.safetensors"
 DIGESTS_FILE = "training_files.npy"
 HELDOUT_FILE = "heldout.safetensors"
-#: Bounds on a config.json: its size, its classes, and the length of a problem quoted in an error.
+#: Bounds on a config.json: its size, its classes, and the length of a problem (or class name) quoted in an error.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CLASSES = 1000
 MAX_QUOTE = 200
@@ -151,6 +151,8 @@ def _config_problems(d: Any) -> list[str]:
         problems.append("'classes' must be a non-empty list of class names")
     elif isinstance(d.get("classes"), list) and len(d["classes"]) > MAX_CLASSES:
         problems.append(f"'classes' lists {len(d['classes']):,} classes (at most {MAX_CLASSES:,})")
+    elif isinstance(d.get("classes"), list) and max(map(len, d["classes"])) > MAX_QUOTE:
+        problems.append(f"'classes' has a name of {max(map(len, d['classes'])):,} characters (at most {MAX_QUOTE})")
     bounds = {"threshold": (0.0, 1.0), "chip_size": (16, 1024), "chip_padding": (0.0, 2.0)}
     numbers = [(name, d.get(name), limits) for name, limits in bounds.items() if not isinstance(d.get(name), list)]
     numbers += [(f"{name}[{i}]", v, limits) for name, limits in bounds.items() if isinstance(d.get(name), list)
