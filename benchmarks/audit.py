@@ -1,6 +1,15 @@
 """How well `facerace audit` estimates the composition of collections whose true mix is known.
 
     python benchmarks/audit.py --fairface ../shared/datasets/fairface --utkface ../shared/datasets/utkface
+    python benchmarks/audit.py --fairface ... --utkface ... --study validated --sizes 1000
+
+`--study adjusted` (the default) compares the label-free methods. `--study validated` compares,
+on the same random mixes, what a labelled uniform random sample of each collection gives
+(`audit --labels`): `validated` (prediction-powered inference), `validated++` (PPI++'s
+power-tuned weight), the labelled faces alone, and `adjusted` without labels, for samples of
+`--labelled` faces; and how often the label-free shift test (the warning suggesting --sample)
+fires. It needs only the model head's probabilities on cached embeddings, so rerunning it for a
+new model takes a minute once the embeddings are cached.
 
 Collections are random mixes: class shares drawn from a Dirichlet(0.7, ..., 0.7), then that
 many faces of each class drawn without replacement from FairFace val (scored in fairface7) or
@@ -27,7 +36,7 @@ import numpy as np
 
 from facerace.labels import convert_label, get_scheme, mapping_matrix
 from facerace.model import load_config, load_heldout, load_model, model_pipeline
-from facerace.quantify import METHODS, HeldOut, shares
+from facerace.quantify import ADJUSTED, METHODS, HeldOut, estimate, merged, shares, shift_test, top_histogram, validated
 from facerace.training.datasets import open_dataset
 from facerace.training.embeddings import CropEmbedder, embed_files
 from facerace.training.runs import environment
@@ -79,6 +88,64 @@ def trial(probs: np.ndarray, y: np.ndarray, n_classes: int, heldout: HeldOut, me
             for m in methods}
 
 
+def collections(y: np.ndarray, n_classes: int, size: int, mixes: int, rng: np.random.Generator):
+    """`mixes` random collections of `size` faces (indices into y, shuffled): Dirichlet(0.7) class shares, each
+    class's faces drawn without replacement (a mix needing more faces of a class than the data has is drawn
+    again); yields (faces, true shares)."""
+    pools = [np.nonzero(y == c)[0] for c in range(n_classes)]
+    for _ in range(mixes):
+        counts = rng.multinomial(size, rng.dirichlet(np.full(n_classes, 0.7)))
+        while np.any(counts > [len(p) for p in pools]):
+            counts = rng.multinomial(size, rng.dirichlet(np.full(n_classes, 0.7)))
+        faces = rng.permutation(np.concatenate([rng.choice(pool, k, replace=False) for pool, k in zip(pools, counts)]))
+        yield faces, counts / size
+
+
+#: The estimators a labelled sample allows (quantify.validated's weight: 1 PPI, None PPI++, 0 the sample alone).
+LABELLED = {"validated": 1.0, "validated++ (power-tuned)": None, "labelled only": 0.0}
+
+
+def validated_trial(probs: np.ndarray, y: np.ndarray, heldout: HeldOut, merge: np.ndarray, size: int,
+                    labelled: list[int], mixes: int, replicates: int, seed: int) -> dict[str, object]:
+    """Per labelled-sample size and estimator (and `adjusted`, which needs no labels): MAE (points), 95% interval
+    coverage and mean width (points) over `mixes` random collections of `size` faces, each with a uniform random
+    labelled sample (nested: the first n faces of the shuffled collection); and the shift test's firing rate."""
+    rng = np.random.default_rng(seed)
+    k = merge.shape[1]
+    coarse = merged(probs, merge)
+    rows: dict[tuple[int, str], list[list[np.ndarray]]] = {}
+    fired, p_values = [], []
+    for faces, truth in collections(y, k, size, mixes, rng):
+        s = shares(probs[faces], ADJUSTED, heldout, merge=merge, replicates=replicates, random_state=rng)
+        adjusted = (s.estimate, s.low, s.high)
+        mix = estimate(probs[faces], ADJUSTED, heldout)
+        p = shift_test(top_histogram(probs[faces]), heldout, mix, random_state=rng)[1]
+        fired.append(p < 0.05)
+        p_values.append(p)
+        mean = coarse[faces].mean(0)
+        for n in labelled:
+            sample = faces[:n]
+            found = {name: validated(mean, size, coarse[sample], y[sample], weight=w) for name, w in LABELLED.items()}
+            found["adjusted (no labels)"] = adjusted
+            for name, (est, low, high) in found.items():
+                rows.setdefault((n, name), []).append([np.abs(est - truth), (low <= truth + 1e-9) & (truth <= high + 1e-9),
+                                                       high - low])
+    summary = {key: {"mae": 100 * float(np.mean([r[0] for r in v])), "coverage": float(np.mean([r[1] for r in v])),
+                     "width": 100 * float(np.mean([r[2] for r in v]))} for key, v in rows.items()}
+    return {"rows": summary, "fired": float(np.mean(fired)), "mixes": mixes,
+            "median_p": float(np.median(p_values))}
+
+
+def validated_table(title: str, size: int, result: dict[str, object]) -> None:
+    print(f"\n{title}: {result['mixes']} collections of {size} faces\n")
+    print("| labelled faces | method | MAE (points) | 95% interval coverage | mean interval width (points) |")
+    print("|---|---|---|---|---|")
+    for (n, name), r in result["rows"].items():  # type: ignore[union-attr]
+        print(f"| {n} | {name} | {r['mae']:.2f} | {r['coverage']:.1%} | {r['width']:.1f} |")
+    print(f"\nLabel-free shift test (p < 0.05, the warning that suggests --sample): fired on {result['fired']:.1%} "
+          f"of the collections (median p = {result['median_p']:.3f})")
+
+
 def table(title: str, results: dict[int, dict[str, dict[str, float]]]) -> None:
     print(f"\n{title}\n")
     print("| faces | method | MAE (points) | 95th percentile of errors (points) | 95% interval coverage "
@@ -102,6 +169,10 @@ def main() -> None:
     ap.add_argument("--replicates", type=int, default=500, help="bootstrap replicates per interval")
     ap.add_argument("--cache-dir", type=Path, help="embedding cache (default: facerace's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--study", choices=("adjusted", "validated"), default="adjusted",
+                    help="adjusted: the label-free methods; validated: a labelled random sample of each collection")
+    ap.add_argument("--labelled", type=int, nargs="+", default=[50, 100, 200, 400],
+                    help="--study validated: labelled faces per collection")
     args = ap.parse_args()
 
     config = load_config(args.model)
@@ -111,6 +182,19 @@ def main() -> None:
     print(f"model `{args.model}` ({config.version}, held-out faces {len(heldout.labels)}); {args.mixes} mixes "
           f"(Dirichlet alpha 0.7) per size; {args.replicates} bootstrap replicates; seed {args.seed}; "
           f"{env['date']}; {env['machine']}; facerace {env['facerace']}")
+
+    if args.study == "validated":
+        jobs = [("FairFace val, fairface7", f"fairface:{args.fairface}", "val", "fairface7")]
+        if args.utkface:
+            jobs.append(("UTKFace (cross-dataset), utk5", f"utkface:{args.utkface}", "all", "utk5"))
+        for title, spec, split, scheme in jobs:
+            probs, y = probabilities(args.model, spec, split, scheme, args.cache_dir)
+            merge = mapping_matrix(config.scheme, scheme)
+            for size in args.sizes:
+                result = validated_trial(probs, y, heldout, merge, size, args.labelled, args.mixes, args.replicates,
+                                         args.seed)
+                validated_table(f"{title} (n = {len(y)} images)", size, result)
+        return
 
     # choosing `adjusted` on held-out TRAIN faces: confusion matrix from one half, mixes from the other
     rng = np.random.default_rng(args.seed)

@@ -235,3 +235,26 @@ def test_ctrl_c_on_ray_keeps_the_finished_rows_as_valid_parquet(cluster, faces, 
     done = int(err.split("interrupted: ")[1].split(" of ")[0])
     table = pq.read_table(out)  # every file valid
     assert 0 < done < 42 and len(set(table.column("path").to_pylist())) == done == table.num_rows
+
+
+def test_audit_labels_on_ray_gives_the_local_validated_composition(cluster, inputs, faces, tmp_path):
+    """--labels with --engine ray: the labelled faces are matched in the cluster's Parquet rows as in the local ones."""
+    import csv
+    import json
+
+    images = [Path(inputs[0]) / f.name for f in faces]
+    labels = tmp_path / "labels" / "labels.csv"
+    labels.parent.mkdir()
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *([f"{p}", "White" if i % 2 else "Black"]
+                                                      for i, p in enumerate(images[:4]))])
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert cli("audit", *inputs, "-o", local, "--labels", labels, "--replicates", "50", "--workers", "1")[0] == 0
+    code, err = cli("audit", *inputs, "-o", remote, "--labels", labels, "--replicates", "50", "--engine", "ray")
+    assert code == 0, err
+    a, b = (json.loads((f / "composition.json").read_text()) for f in (local, remote))
+    assert a["labels"]["used"] == b["labels"]["used"] > 0 and a["method"] == b["method"] == "validated"
+    assert [(r["class"], r["method"], r["labelled"]) for r in a["rows"]] == \
+        [(r["class"], r["method"], r["labelled"]) for r in b["rows"]]
+    for x, y in zip(a["rows"], b["rows"]):
+        assert abs(x["estimate"] - y["estimate"]) < 1e-4 and abs(x["ci_high"] - y["ci_high"]) < 1e-4
