@@ -728,7 +728,7 @@ def _datasets(args: argparse.Namespace) -> int:
     report = check_dataset(args.data, path_column=args.path_column, label_column=args.label_column,
                            progress=not args.quiet)
     for split, r in report["splits"].items():
-        _show(f"{args.data} split {split}: {r['images']} readable images, scheme {r['scheme']}")
+        _show(f"{args.data} split {split}: {r['images']:,} readable images, scheme {r['scheme']}")
         for key in ("per_class", "per_gender", "per_age"):
             if r[key]:
                 _show(f"  {key.removeprefix('per_')}: " + ", ".join(f"{k} {v:,}" for k, v in r[key].items()))

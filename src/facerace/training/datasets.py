@@ -340,11 +340,12 @@ def check_dataset(spec: str, *, path_column: str = "path", label_column: str = "
                 load_image(s.path)
             except ImageError as exc:
                 unreadable.append(f"{s.path}: {exc.reason}")
+        classes = Counter(s.label for s in ds.samples)
         report["splits"][ds.split] = {
             "scheme": ds.scheme,
             "images": len(ds.samples) - len(unreadable),
-            "per_class": dict(Counter(s.label for s in ds.samples)),
-            "per_gender": dict(Counter(s.gender for s in ds.samples if s.gender)),
+            "per_class": {c: classes[c] for c in SCHEMES[ds.scheme].classes if classes[c]},
+            "per_gender": dict(sorted(Counter(s.gender for s in ds.samples if s.gender).items())),
             "per_age": dict(sorted(Counter(s.age for s in ds.samples if s.age).items(),
                                    key=lambda kv: AGE_GROUPS.index(kv[0]) if kv[0] in AGE_GROUPS else 99)),
             "per_race_gender": race_gender_counts(ds.samples, SCHEMES[ds.scheme].classes)
