@@ -222,6 +222,29 @@ def test_validated_composition_of_rows():
         composition(rows, model={"name": "m", "version": "1"}, model_scheme="fairface7", method="validated")
 
 
+def test_all_combines_groups_with_and_without_labels():
+    """`all` is stratified even when a group has no labels (its adjusted estimate enters with its interval's
+    variance) or only one face, labelled (its label, exactly): pooling the labelled faces would over-weight the
+    labelled groups."""
+    held = synthetic_heldout()
+    rows = [{"path": f"/x/{i}.jpg", "face": 0, "status": "ok", "group": "big" if i < 300 else "small" if i < 400
+             else "one", "probabilities": dict(zip(CLASSES7, np.eye(7)[i % 7] * 0.5 + 0.5 / 7))} for i in range(401)]
+    labels = read_labels(write_labels(_tmp() / "l.csv", [[f"/x/{i}.jpg", "0", CLASSES7[i % 7]]
+                                                         for i in [*range(0, 300, 5), 400]]))
+    result = composition(rows, model={"name": "m", "version": "1"}, model_scheme="fairface7", heldout=held,
+                         labels=labels, replicates=50)
+    by = {g.name: g for g in result.groups}
+    assert (by["big"].method, by["big"].labelled) == ("validated", 60)
+    assert (by["small"].method, by["small"].labelled) == ("pacc", 0)
+    assert (by["one"].method, by["one"].labelled) == ("pacc", 1)
+    assert by["all"].method == "validated" and by["all"].labelled == 61
+    assert "2 group(s) with fewer than 2 labelled faces" in result.labels["all"]
+    mixed = np.array(by["big"].estimate) * 300 / 401 + np.array(by["small"].estimate) * 100 / 401 \
+        + np.eye(7)[400 % 7] / 401
+    np.testing.assert_allclose(by["all"].estimate, mixed / mixed.sum(), atol=2e-4)
+    assert all(lo <= e <= hi for e, lo, hi in zip(by["all"].estimate, by["all"].ci_low, by["all"].ci_high))
+
+
 def test_sampler_is_uniform_and_seeded():
     counts = np.zeros(20)
     for seed in range(2000):

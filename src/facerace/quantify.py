@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Sequence
 
 import numpy as np
 
@@ -518,15 +519,18 @@ def validated(mean_probs: np.ndarray, faces: int, probs: np.ndarray, labels: np.
     return validated_strata([Stratum(mean_probs, faces, probs, labels)], weight=weight, level=level)
 
 
-def validated_strata(strata: list[Stratum], *, weight: float | None = 1.0, level: float = 0.95
+def validated_strata(strata: list[Stratum], *, weight: float | None = 1.0, level: float = 0.95,
+                     others: Sequence[tuple[int, np.ndarray, np.ndarray]] = ()
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`validated` shares of the union of disjoint strata (groups), each with its own uniform random sample:
     the strata's estimates weighted by their numbers of faces (a stratified estimate, right however
-    unequally the strata were sampled)."""
-    total = sum(s.faces for s in strata)
-    parts = [_ppi(s, weight) for s in strata]
-    point = sum(s.faces / total * p for s, (p, _) in zip(strata, parts))
-    se = np.sqrt(sum((s.faces / total) ** 2 * v for s, (_, v) in zip(strata, parts)))
+    unequally the strata were sampled). `others`: strata estimated another way, each (faces, shares (K,),
+    their variances (K,)), weighted the same way."""
+    parts = [(s.faces, *_ppi(s, weight)) for s in strata] + [(n, np.asarray(p, np.float64), np.asarray(v, np.float64))
+                                                             for n, p, v in others]
+    total = sum(n for n, _, _ in parts)
+    point = sum(n / total * p for n, p, _ in parts)
+    se = np.sqrt(sum((n / total) ** 2 * v for n, _, v in parts))
     z = NormalDist().inv_cdf(0.5 + level / 2)
     estimate = np.clip(point, 0, None)
     estimate = estimate / estimate.sum() if estimate.sum() > 0 else np.full(len(point), 1 / len(point))

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ from facerace.quantify import (
     SUM_TOLERANCE,
     GroupStats,
     HeldOut,
+    Shares,
     check_replicates,
     em_sample,
     estimate,
@@ -533,28 +535,32 @@ class Tally:
         matched = self.collector.matched() if self.collector is not None else None
         names = [ALL, *sorted(k for k in self.skipped if k != ALL)]
         strata = self.collector.strata(matched) if self.collector is not None and matched is not None else {}
-        pooled = None
-        if self.method == "validated" and len(names) > 1 and ALL in strata:  # grouped: combine the groups'?
-            pooled = not all(g in strata for g in names[1:] if g in self.stats)
-        groups = []
-        for name in names:
+        grouped = [g for g in names[1:] if g in self.stats]
+        if self.method == "validated" and grouped and not any(g in strata for g in grouped):
+            strata.pop(ALL, None)  # no group has labels to build on: `all` keeps the adjusted method too
+        others: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # groups without labels, for `all`
+        done: dict[str, GroupShares] = {}
+        for name in [*names[1:], ALL]:  # `all` last: it combines the groups
             stats, skipped = self.stats.get(name), {k: self.skipped[name][k] for k in SKIPPED}
             if stats is None:
-                groups.append(GroupShares(name, 0, skipped))
+                done[name] = GroupShares(name, 0, skipped)
                 continue
             labelled = self.collector.labelled(name) if self.labels is not None and self.collector else 0
             if self.method == "validated" and name in strata:
-                parts = [strata[g] for g in names[1:] if g in self.stats] if name == ALL and pooled is False \
-                    else [strata[name]]
-                point, low, high = validated_strata(parts)
+                parts = [strata[g] for g in grouped if g in strata] if name == ALL and grouped else [strata[name]]
+                point, low, high = validated_strata(parts, others=list(others.values()) if name == ALL else [])
                 values, used = (stats.counts / stats.n, point, low, high), "validated"
             else:
                 s = shares_of(stats, self.used, held, merge=self.merge, replicates=self.replicates,
                               random_state=self.seed, confusions=confusions)
                 values, used = (s.count, s.estimate, s.low, s.high), self.used
-            groups.append(GroupShares(name, stats.n, skipped, *(tuple(round(float(v), 4) for v in a) for a in values),
-                                      used, labelled))
-        summary = self._label_summary(matched, groups, pooled, held, source) if matched is not None else None
+                if self.method == "validated" and name != ALL:
+                    others[name] = self._without_labels(name, stats.n, s)
+            done[name] = GroupShares(name, stats.n, skipped, *(tuple(round(float(v), 4) for v in a) for a in values),
+                                     used, labelled)
+        groups = [done[name] for name in names]
+        without = sorted(others) if self.method == "validated" and grouped and ALL in strata else None
+        summary = self._label_summary(matched, groups, without, held, source) if matched is not None else None
         shift = _shift(self.top, self.total / self.stats[ALL].n, held, self.seed) if held is not None else None
         notes = self._notes(groups, matched, shift)
         return AuditResult(get_scheme(self.out_scheme).classes, self.out_scheme, self.method, model, tuple(groups),
@@ -562,18 +568,29 @@ class Tally:
                            tuple(text for _, text in notes), labels=summary, shift=shift,
                            warning_kinds=tuple(kind for kind, _ in notes))
 
-    def _label_summary(self, matched: Matched, groups: list[GroupShares], pooled: bool | None, held: HeldOut | None,
-                       source: str) -> dict[str, Any]:
+    def _without_labels(self, name: str, faces: int, s: Shares) -> tuple[int, np.ndarray, np.ndarray]:
+        """A group without 2 labelled faces as a stratum of `all`: (faces, shares, variances): its labels if every
+        face is labelled (exact), else its adjusted estimate with the variance its 95% interval implies."""
+        assert self.collector is not None
+        probs, truth = self.collector.labelled_faces(name)
+        if len(truth) == faces:
+            return faces, np.bincount(truth, minlength=probs.shape[1]) / faces, np.zeros(probs.shape[1])
+        return faces, s.estimate, ((s.high - s.low) / (2 * NormalDist().inv_cdf(0.975))) ** 2
+
+    def _label_summary(self, matched: Matched, groups: list[GroupShares], without: list[str] | None,
+                       held: HeldOut | None, source: str) -> dict[str, Any]:
         """composition.json's `labels` (see `_label_summary`), with the labelled faces per group."""
         assert self.collector is not None and self.out_scheme is not None
         summary = _label_summary(matched, self.out_scheme, self.scheme is None, self.collector.labelled_faces(ALL),
                                  held, source)
         summary["labelled_per_group"] = {g.name: g.labelled for g in groups if g.faces}
-        if pooled is not None:
-            summary["all"] = ("pools the labelled faces of every group: right only if they are a uniform random "
-                              "sample of all the faces (some group has fewer than 2 labelled faces)" if pooled else
-                              "combines the groups' estimates weighted by their numbers of faces (stratified), "
-                              "right however unequally the groups were sampled")
+        if without is not None:
+            summary["all"] = ("combines the groups' estimates weighted by their numbers of faces (stratified), right "
+                              "however unequally the groups were sampled" + (
+                                  f"; {len(without)} group(s) with fewer than 2 labelled faces enter with their "
+                                  f"{self.used} estimate and the variance of its interval (their labels if all their "
+                                  "faces are labelled): " + ", ".join(map(repr, without[:_LISTED]))
+                                  + (" ..." if len(without) > _LISTED else "") if without else ""))
         return summary
 
     def _notes(self, groups: list[GroupShares], matched: Matched | None, shift: dict[str, Any] | None
