@@ -218,8 +218,13 @@ def test_models_listing_states_the_training_mix(mixed_model, monkeypatch):
     monkeypatch.setattr(model_module, "shipped_dir", lambda name: mixed_model)
     code, out, _ = run_cli("models")
     assert code == 0 and "training mix: FairFace train: 30,100 faces, 12,011 women and 18,089 men" in out
-    listed = model_module.list_models()[0]  # what /v1/models answers (less the path)
+    from fastapi.testclient import TestClient
+
+    from facerace.apps.serve.app import create_app
+
+    listed = TestClient(create_app()).get("/v1/models").json()["models"][0]
     assert listed["training_mix"] == MIX and listed["training_mix_summary"].startswith("FairFace train: 30,100")
+    assert "path" not in listed and str(mixed_model) not in json.dumps(listed)
 
 
 def test_datasets_check_counts_per_race_and_gender(tmp_path):
