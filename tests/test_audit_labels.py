@@ -197,6 +197,27 @@ def test_label_page_saves_every_answer_resumes_and_refuses_bad_requests(collecti
         create_app(tmp_path)
 
 
+def test_sample_from_hostile_predictions(labelled, tmp_path, model_with_heldout):
+    """--sample from a --from file whose face indices and boxes are of every wrong kind: every classified face can
+    be drawn, none stops the audit; a box that is not one gives a crop of the whole image."""
+    _, _, out, _ = labelled
+    rows = [json.loads(line) for line in (out / "faces.jsonl").read_text().splitlines()]
+    oddities = [("0", "[1, 2, 3, 4]"), ("x", "abc"), (-3, [1, 2, "x", 4]), (None, [0, 0, 0, 0]), (1.5, None),
+                (True, [1e308, 1e308, 1, 1]), ("2", {"a": 1})]
+    for row, (face, box) in zip(rows, oddities):
+        row["face"], row["box"] = face, box
+    hostile = tmp_path / "hostile.jsonl"
+    hostile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli("audit", "--from", hostile, "--sample", "10", "--out", tmp_path / "s", "--model",
+                           model_with_heldout, "--replicates", "20")
+    assert code == 0 and "Traceback" not in err, err
+    sample = list(csv.DictReader((tmp_path / "s" / "sample.csv").open()))
+    assert len(sample) == 7 and all(r["face"].isdigit() for r in sample)
+    assert all((tmp_path / "s" / r["crop"]).stat().st_size > 0 for r in sample)
+    code, _, err = run_cli("label", tmp_path / "nothing-here")
+    assert code == 2 and "no sample.csv" in err and "Traceback" not in err
+
+
 def test_validated_composition_of_rows():
     """200 faces in two groups whose probabilities say White; the labels say Black for half: validated follows the
     labels, pacc the probabilities."""

@@ -232,6 +232,8 @@ def _csv_rows(path: Path, rows: Iterator[tuple[int, dict[str, str] | str]]) -> I
         out: dict[str, Any] = {k: v for k, v in row.items() if not k.startswith("p_")}
         probs = {k[2:]: v for k, v in row.items() if k.startswith("p_") and v not in (None, "")}
         out["probabilities"] = probs or None
+        if "box" not in out and all(out.get(k) not in (None, "") for k in "xywh"):  # predict's CSV: x, y, w, h
+            out["box"] = [out[k] for k in "xywh"]
         yield out if out.get("status") else _error_row(f"{path}:{line}", "not a per-face row (no status)")
 
 

@@ -246,7 +246,7 @@ class Sampler:
         """Offer one classified face (a per-face row) of `group`."""
         seen = self._seen.get(group, 0)
         kept = self.faces.setdefault(group, [])
-        face = {k: row.get(k) for k in ("path", "face", "box")}
+        face = {"path": str(row.get("path")), "face": _index(row.get("face")), "box": _box(row.get("box"))}
         if seen < self.size:
             kept.append(face)
         else:
@@ -263,8 +263,8 @@ class Sampler:
         (out / "sample").mkdir(parents=True, exist_ok=True)
         rows = []
         for group in sorted(self.faces):
-            for face in sorted(self.faces[group], key=lambda f: (str(f["path"]), f["face"] or 0)):
-                rows.append({"path": face_key(face["path"])[0], "face": face["face"] or 0, "group": group,
+            for face in sorted(self.faces[group], key=lambda f: (f["path"], f["face"])):
+                rows.append({"path": _resolved(face["path"]), "face": face["face"], "group": group,
                              "box": json_text(face["box"]), "label": "", "crop": ""})
         for i, row in enumerate(rows, 1):
             name = f"sample/{i:05d}.jpg"
@@ -272,6 +272,38 @@ class Sampler:
                 row["crop"] = name
         write_csv_atomic(out / "sample.csv", SAMPLE_COLUMNS, rows)
         return out / "sample.csv"
+
+
+def _index(value: Any) -> int:
+    """A row's face index as a whole number (0 where it has none or it is not one >= 0)."""
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _box(value: Any) -> list[int] | None:
+    """A row's face box [x, y, w, h] in whole pixels (a list, or its JSON text in a CSV); None if it is not one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    try:
+        box = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= 0 or box[3] <= 0:
+        return None
+    return [int(round(v)) for v in box]
+
+
+def _resolved(path: str) -> str:
+    """`path` as labels are matched (`face_key`), or as written if it cannot be resolved."""
+    try:
+        return face_key(path)[0]
+    except (OSError, RuntimeError, ValueError):
+        return path
 
 
 def save_crop(image: str, box: Sequence[float] | None, target: Path) -> bool:
