@@ -508,3 +508,13 @@ def test_outputs_that_are_links_or_fifos_are_written_through_not_replaced(tmp_pa
     reader.join(30)
     assert fifo.is_fifo() and b'"status": "ok"' in got[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "pipe.jsonl", "real.jsonl"]
+
+
+def test_two_runs_started_into_the_same_parquet_folder_refuse_the_second(tmp_path):
+    from facerace.apps.tables import new_output_folder
+    from facerace.errors import InvalidParameterError
+
+    out = tmp_path / "faces"
+    new_output_folder(out)  # the first run (local or Ray) has claimed it, and written nothing yet
+    with pytest.raises(InvalidParameterError, match="already holds files|another run"):
+        new_output_folder(out)

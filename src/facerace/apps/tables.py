@@ -29,6 +29,8 @@ PREDICT_COLUMNS = (*ROW_KEYS, "error")
 ROW_GROUP = 4096
 #: The one file of the local writer.
 PART_FILE = "part-00000.parquet"
+#: The hidden file that claims a local output folder for one run.
+CLAIM_FILE = ".facerace-run"
 
 
 def pyarrow() -> Any:
@@ -136,11 +138,21 @@ def check_new_folder(uri: str | Path) -> None:
 
 def new_output_folder(uri: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
     """Create the output folder `uri` (local, s3:// or gs://) once `check_new_folder` accepts it; return its file
-    system and path. Called before any image is analysed, so an output that cannot be written loses no work."""
+    system and path. Called before any image is analysed, so an output that cannot be written loses no work.
+    A local folder is claimed for this run with an exclusively created CLAIM_FILE (hidden: readers of the
+    folder skip it), so a second run started into the same folder at the same moment is refused."""
+    from pyarrow import fs
+
     check_new_folder(uri)
     filesys, path = filesystem(uri)
     try:
         filesys.create_dir(path, recursive=True)
+        if isinstance(filesys, fs.LocalFileSystem):
+            with open(f"{path}/{CLAIM_FILE}", "x") as claim:
+                claim.write(f"{os.getpid()}\n")
+    except FileExistsError:
+        raise InvalidParameterError(f"{uri}: another run is writing into this folder; give a new folder so the rows "
+                                    "of two runs do not mix") from None
     except OSError as exc:  # read-only folder, missing bucket, no permission
         raise InvalidParameterError(f"{uri}: cannot write there ({exc})") from None
     return filesys, path
