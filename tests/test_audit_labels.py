@@ -191,6 +191,8 @@ def test_label_page_saves_every_answer_resumes_and_refuses_bad_requests(collecti
     assert client.post("/api/answer", json={"index": 0, "label": "White"},
                        headers={"origin": "http://evil.example"}).status_code == 403
     assert client.get("/crop/99").status_code == 404 and client.get("/crop/-1").status_code == 404
+    assert client.post("/api/answer", content=b"{" + b" " * 100_000 + b"}",
+                       headers={"content-type": "application/json"}).status_code == 413
     assert TestClient(create_app(out), base_url="http://evil.example").get("/api/state").status_code == 400
     assert list(csv.DictReader((out / "labels.csv").open())) == saved
     with pytest.raises(InvalidParameterError, match="no sample.csv"):

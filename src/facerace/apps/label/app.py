@@ -27,7 +27,7 @@ from facerace.errors import InvalidParameterError
 LABELS_FILE = "labels.csv"
 #: labels.csv's columns: the rows in the order they were answered (undo takes back the last).
 LABEL_COLUMNS = ("path", "face", "group", "label")
-#: Bytes an answer may take (a class name and an index).
+#: Bytes an answer may take (a class name and an index), plus the request guard's 64 KiB of form overhead.
 MAX_BODY_BYTES = 4096
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
