@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("label", help="label an audit's sample (from --sample) face by face in a local web page")
     lb.add_argument("folder", type=Path, metavar="OUT_DIR", help="the audit folder holding sample.csv; answers go to "
                                                                  "labels.csv there, saved after each one")
-    lb.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    lb.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     lb.add_argument("--port", type=int, default=8765, help="TCP port to listen on")
     lb.add_argument("--scheme", help=f"classes to choose from: {', '.join(SCHEMES)} (default: the audit's)")
 
