@@ -4,12 +4,12 @@
     python scripts/build_model.py finetuned --fairface ../shared/datasets/fairface [--utkface ...]
 
 `default` (shipped: written into the package): a head on frozen dlib ResNet and SFace embeddings,
-concatenated (issue 10; minutes once the embeddings are cached). `dlib` (not shipped: written to
-runs/models/dlib): the previous default, a head on dlib's embeddings alone. `finetuned` (not
-shipped: written to runs/models/finetuned, see docs/BENCHMARKS.md for why): the last 5 units of
-dlib's ResNet fine-tuned with the head (PyTorch; about 30 min on 2 CPU cores, resumable: rerun the
-same command after an interruption). Training uses FairFace
-only (CC BY 4.0); UTKFace, if given, is used only for the cross-dataset score.
+concatenated (issue 10; minutes once the embeddings are cached). `fast` (shipped): a head on dlib's
+embeddings alone, one pass per face (issue 17: about twice the default's speed for a few points of
+accuracy). `finetuned` (not shipped: written to runs/models/finetuned, see docs/BENCHMARKS.md for
+why): the last 5 units of dlib's ResNet fine-tuned with the head (PyTorch; about an hour on 2 CPU
+cores, resumable: rerun the same command after an interruption). Training uses FairFace train, women
+and men (CC BY 4.0); UTKFace, if given, is used only for the cross-dataset score.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ RECIPES = {
     # dlib (mirror averaged) and SFace (its mirror did not pay) fused, 1024 hidden units: chosen on held-out
     # FairFace train (docs/BENCHMARKS.md, issue 10)
     "default": {"backbone": "dlib-resnet-v1-onnx+sface", "flip_average": (True, False), "head": HeadParams(hidden=1024)},
-    "dlib": {},
+    # dlib alone, one pass per face (no mirror): the speed option (issue 17)
+    "fast": {"backbone": "dlib-resnet-v1-onnx", "flip_average": False},
     "finetuned": {"backbone": "dlib-torch", "unfreeze": 5, "views": 8},
 }
 

@@ -28,9 +28,28 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def cross_entropy(probs: np.ndarray, y: np.ndarray) -> float:
-    """Mean negative log-likelihood of integer labels `y` under `probs`."""
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+def cross_entropy(probs: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood of integer labels `y` under `probs` (weighted by `weights` if given)."""
+    return float(-np.average(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)), weights=weights))
+
+
+def group_weights(groups: list) -> np.ndarray:
+    """One weight per example, inversely proportional to the size of its group, with mean 1: every group
+    then weighs as much in the loss as every other."""
+    _, inverse, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True,
+                                   return_counts=True)
+    w = 1.0 / counts[inverse]
+    return w * len(w) / w.sum()
+
+
+def _weights(weights: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    """`weights` as a float array of length n (ones when None); refuses negative, non-finite or all-zero ones."""
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise InvalidParameterError(f"{name} must be {n} finite, non-negative weights with a positive sum")
+    return w
 
 
 @dataclass(frozen=True)
@@ -100,11 +119,20 @@ class RaceHead:
         x_val: np.ndarray,
         y_val: np.ndarray,
         *,
+        sample_weight: np.ndarray | None = None,
+        val_weight: np.ndarray | None = None,
         on_epoch: Callable[[int, History], None] | None = None,
     ) -> RaceHead:
-        """Train on (x, y) with early stopping on (x_val, y_val); labels are class indices."""
+        """Train on (x, y) with early stopping on (x_val, y_val); labels are class indices.
+
+        `sample_weight` weighs each training example's loss (e.g. `group_weights`, to balance groups) and
+        `val_weight` each validation example's in early stopping; the temperature is fitted unweighted, so
+        probabilities stay calibrated on the validation faces as they are.
+        """
         if not self.classes:
             raise InvalidParameterError("RaceHead needs classes=(...) before fit")
+        w = _weights(sample_weight, len(x), "sample_weight")
+        wv = _weights(val_weight, len(x_val), "val_weight")
         rng = np.random.default_rng(self.random_state)
         self.mean_ = x.mean(axis=0).astype(np.float32)
         self.scale_ = (x.std(axis=0) + 1e-6).astype(np.float32)
@@ -123,10 +151,10 @@ class RaceHead:
                 idx = order[start : start + self.params.batch_size]
                 acts = self._logits(xs[idx], params, rng)
                 p = softmax(acts[-1])
-                total += cross_entropy(p, y[idx]) * len(idx)
+                total += cross_entropy(p, y[idx], w[idx]) * w[idx].sum()
                 grad = p
                 grad[np.arange(len(idx)), y[idx]] -= 1.0
-                grad /= len(idx)
+                grad *= (w[idx] / w[idx].sum())[:, None]
                 step += 1
                 for i in reversed(range(len(params) // 2)):
                     gw = acts[i].T @ grad + self.params.weight_decay * params[f"w{i}"]
@@ -140,8 +168,8 @@ class RaceHead:
                         vhat = v[key] / (1 - 0.999**step)
                         params[key] -= (self.params.learning_rate * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
             pv = softmax(self._logits(xv, params)[-1])
-            val_loss = cross_entropy(pv, y_val)
-            self.history_.train_loss.append(total / len(xs))
+            val_loss = cross_entropy(pv, y_val, wv)
+            self.history_.train_loss.append(total / w.sum())
             self.history_.val_loss.append(val_loss)
             self.history_.val_accuracy.append(float(np.mean(pv.argmax(1) == y_val)))
             if val_loss < best - 1e-5:

@@ -27,7 +27,7 @@ from facerace.textout import json_text
 if TYPE_CHECKING:
     from facerace.quantify import HeldOut
 
-SHIPPED = ("default",)
+SHIPPED = ("default", "fast")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "head.safetensors"
 TUNED_FILE = "backbone.safetensors"

@@ -243,6 +243,7 @@ def _train_options(p: argparse.ArgumentParser, config: TrainConfig, head: HeadPa
     """The train verb's options: one per TrainConfig / HeadParams field, unset ones keep the dataclass defaults."""
     from facerace.backbones import BACKBONES, fine_tunable
     from facerace.detect import DETECTORS
+    from facerace.training.config import BALANCE
 
     p.add_argument("--data", action="append", metavar="KIND:PATH",
                    help="dataset, e.g. fairface:data/fairface or utkface:data/UTKFace (repeatable)")
@@ -275,6 +276,9 @@ def _train_options(p: argparse.ArgumentParser, config: TrainConfig, head: HeadPa
                    help=f"step size for the unfrozen layers (default {config.backbone_learning_rate})")
     p.add_argument("--threshold-target", type=float, help=f"held-out accuracy that sets the uncertainty threshold "
                                                           f"(default {config.threshold_target})")
+    p.add_argument("--balance", choices=BALANCE,
+                   help=f"weigh training faces so that each class (race) or each class x gender group counts "
+                        f"equally in the loss and early stopping (default {config.balance})")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder with its settings")
     p.add_argument("--flip-average", nargs="?", const=True, type=_flips, metavar="on,off",
                    help="embed each face as the mean of it and its mirror image, in training and prediction "

@@ -12,6 +12,9 @@ from typing import Any
 from facerace.errors import InvalidParameterError
 from facerace.head import HeadParams
 
+#: The values of TrainConfig.balance: which groups training weighs equally.
+BALANCE = ("none", "race", "race,gender")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -22,7 +25,9 @@ class TrainConfig:
     image (0: frozen network, a head on cached embeddings). A stratified `val_fraction` of the
     data (seed `seed`) is held out for early stopping, calibration and the uncertainty
     threshold (the lowest confidence above which held-out faces are right `threshold_target`
-    of the time).
+    of the time). `balance` weighs training faces so that every class ("race") or every class x gender
+    ("race,gender") group counts as much as every other in the loss and in early stopping ("none": every
+    face counts once).
     """
 
     data: tuple[str, ...] = ()
@@ -39,6 +44,7 @@ class TrainConfig:
     views: int = 4
     backbone_learning_rate: float = 3e-5
     threshold_target: float = 0.8
+    balance: str = "none"
     path_column: str = "path"
     label_column: str = "label"
 

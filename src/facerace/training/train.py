@@ -14,12 +14,12 @@ import numpy as np
 from facerace.backbones import BACKBONES, InputSpec, create_backbone, create_network, fine_tunable
 from facerace.errors import DatasetError, FaceraceWarning, InvalidParameterError, TrainingInterrupted
 from facerace.faces import FacePipeline
-from facerace.head import RaceHead
+from facerace.head import RaceHead, group_weights
 from facerace.labels import convert_label, get_scheme
 from facerace.model import ModelConfig, save_model
 from facerace.quantify import HeldOut
 from facerace.textout import CsvWriter, progress_bar
-from facerace.training.config import TrainConfig
+from facerace.training.config import BALANCE, TrainConfig
 from facerace.training.datasets import Dataset, Sample, open_dataset, race_gender_counts
 from facerace.training.embeddings import CropEmbedder, embed_files, file_digests
 from facerace.training.finetune import ViewActivations, compute_views, fit
@@ -156,11 +156,37 @@ def training_caveat(report: dict[str, Any]) -> str:
             + ": accuracy on other faces is not measured by its validation split.")
 
 
+def balance_groups(balance: str, y: np.ndarray, samples: list[Sample]) -> np.ndarray | None:
+    """The group of every sample that `balance` weighs equally (class, or class and gender; a face of unknown
+    gender is its own group), None for "none"."""
+    if balance == "none":
+        return None
+    if balance == "race":
+        return np.array([str(c) for c in y], dtype=object)
+    return np.array([f"{c}|{s.gender or 'unknown'}" for c, s in zip(y, samples)], dtype=object)
+
+
+def fit_head(config: TrainConfig, x: np.ndarray, y: np.ndarray, samples: list[Sample],
+             split: tuple[np.ndarray, np.ndarray], *, on_epoch=None) -> RaceHead:
+    """A head trained as `config` says on rows `split[0]` of (x, y), early-stopped and calibrated on rows
+    `split[1]`; with `config.balance`, each group's faces are weighed equally in both."""
+    tr, va = split
+    groups = balance_groups(config.balance, y, samples)
+    weights = (None, None) if groups is None else (group_weights(groups[tr]), group_weights(groups[va]))
+    head = RaceHead(get_scheme(config.scheme).classes, config.head_params, random_state=config.seed)
+    return head.fit(x[tr], y[tr], x[va], y[va], sample_weight=weights[0], val_weight=weights[1], on_epoch=on_epoch)
+
+
 def check_config(config: TrainConfig) -> None:
     """Refuse settings that cannot train, before any work."""
     if not config.data:
         raise InvalidParameterError("train needs at least one dataset: --data KIND:PATH")
     get_scheme(config.scheme)
+    if config.balance not in BALANCE:
+        raise InvalidParameterError(f"--balance must be one of {', '.join(BALANCE)}, got {config.balance!r}")
+    if config.unfreeze and config.balance != "none":
+        raise InvalidParameterError("--balance is for heads on frozen networks; fine-tuning (--unfreeze) does not "
+                                    "weigh groups yet: drop one of the two")
     train_pipeline(config).members  # checks a fused backbone's names and its flip settings
     if config.unfreeze and config.backbone not in fine_tunable():
         raise InvalidParameterError(f"--unfreeze needs a PyTorch backbone ({', '.join(fine_tunable())}), "
@@ -198,7 +224,8 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
                                             cache_dir=cache_dir, workers=workers, quiet=quiet)
         tr, va = (rows[i] for i in stratified_split(y[rows], config.val_fraction, config.seed))
     else:
-        x, y, _, digests, report = load_embeddings(config, pipeline, cache_dir=cache_dir, workers=workers, quiet=quiet)
+        x, y, samples, digests, report = load_embeddings(config, pipeline, cache_dir=cache_dir, workers=workers,
+                                                         quiet=quiet)
         tr, va = stratified_split(y, config.val_fraction, config.seed)
     y_val, tuned = y[va], None
     seconds = {"data": time.perf_counter() - started}
@@ -215,8 +242,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, cache_dir: str 
                                           f"continue with `facerace train --resume {run}`") from None
             head, tuned, probs = fitted.head, fitted.tuned, fitted.val_probs
         else:
-            head = RaceHead(classes, params, random_state=config.seed)
-            head.fit(x[tr], y[tr], x[va], y_val, on_epoch=on_epoch)
+            head = fit_head(config, x, y, samples, (tr, va), on_epoch=on_epoch)
             probs = head.predict_proba(x[va])
     seconds["fit"] = time.perf_counter() - started - seconds["data"]
     val_metrics = classification_metrics(y_val, probs, classes)
