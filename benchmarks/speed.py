@@ -1,9 +1,10 @@
 """End-to-end speed of `Predictor` (read, detect, align, embed, classify) on FairFace val images.
 
-    python benchmarks/speed.py --fairface ../shared/datasets/fairface [--model default] [--n 500] [--repeats 3]
+    python benchmarks/speed.py --fairface ../shared/datasets/fairface [--model default --model fast] [--n 500]
 
 Prints faces per second with 1 process and with all cores (median of the repeats, pool
 start-up included), per-stage times, and the time to the first prediction in a fresh process.
+Several `--model`s are measured side by side, alternating in each repeat, and compared with the first.
 """
 
 from __future__ import annotations
@@ -44,27 +45,31 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--detector", default="yunet")
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", action="append", help="model to time (repeatable; default: default)")
     args = ap.parse_args()
+    models = args.model or ["default"]
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
         paths = [args.fairface / r["file"] for r in list(csv.DictReader(f))[: args.n]]
     cores = os.cpu_count() or 1
     rows = []
     for workers in sorted({1, cores}):
-        runs = [faces_per_second(paths, workers, args.model, args.detector) for _ in range(args.repeats)]
-        rows.append((workers, statistics.median(r[0] for r in runs), runs[0][1]))
-    first = statistics.median(first_prediction_seconds(paths[0], args.model) for _ in range(args.repeats))
+        runs: dict[str, list] = {m: [] for m in models}
+        for _ in range(args.repeats):
+            for m in models:
+                runs[m].append(faces_per_second(paths, workers, m, args.detector))
+        rows += [(m, workers, statistics.median(r[0] for r in runs[m]), runs[m][0][1]) for m in models]
+    first = {m: statistics.median(first_prediction_seconds(paths[0], m) for _ in range(args.repeats)) for m in models}
     env = environment()
-    print(f"\nmodel `{args.model}`, {len(paths)} FairFace val images, detector {args.detector}; {env['date']}; "
-          f"{env['machine']}\n")
-    print(f"| processes | faces/s (median of {args.repeats}) | median ms per image: "
+    print(f"\n{len(paths)} FairFace val images, detector {args.detector}; {env['date']}; {env['machine']}\n")
+    print(f"| model | processes | faces/s (median of {args.repeats}) | vs `{models[0]}` | median ms per image: "
           "read / detect / align / embed+classify |")
-    print("|---|---|---|")
-    for workers, fps, st in rows:
+    print("|---|---|---|---|---|")
+    base = {w: fps for m, w, fps, _ in rows if m == models[0]}
+    for m, workers, fps, st in rows:
         stages = " / ".join(f"{st[k]:.1f}" for k in ("read", "detect", "align", "embed_classify"))
-        print(f"| {workers} | {fps:.1f} | {stages} |")
-    print(f"\ntime to first prediction in a fresh process (python start, import, model load, one image): "
-          f"{first:.2f} s")
+        print(f"| `{m}` | {workers} | {fps:.1f} | {fps / base[workers]:.2f}x | {stages} |")
+    print("\ntime to first prediction in a fresh process (python start, import, model load, one image): "
+          + ", ".join(f"`{m}` {s:.2f} s" for m, s in first.items()))
 
 
 if __name__ == "__main__":
