@@ -52,17 +52,21 @@ def main() -> None:
     ap.add_argument("--recipe", default="default", help="a recipe of scripts/build_model.py")
     ap.add_argument("--options", nargs="+", default=list(BALANCE), choices=BALANCE)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--hidden", type=int, help="override the recipe's hidden units")
+    ap.add_argument("--dropout", type=float, help="override the recipe's dropout")
     ap.add_argument("--workers", type=int)
     args = ap.parse_args()
 
     base = TrainConfig(data=(f"fairface:{args.fairface}",), scheme="fairface7", **RECIPES[args.recipe])
+    overrides = {k: v for k, v in (("hidden", args.hidden), ("dropout", args.dropout)) if v is not None}
+    base = replace(base, head=replace(base.head, **overrides))
     x, y, samples, _, _ = load_embeddings(base, train_pipeline(base), workers=args.workers, quiet=True)
     genders = np.array([s.gender or "unknown" for s in samples])
     strata = y * 2 + (genders == "Female")
     fit_rows, held = stratified_split(strata, 0.2, HELD_OUT_SEED)
     races = list(get_scheme(base.scheme).classes)
     env = environment()
-    print(f"\nrecipe `{args.recipe}` ({base.backbone}); FairFace train: {len(fit_rows)} faces to train on, "
+    print(f"\nrecipe `{args.recipe}` ({base.backbone}, {base.head}); FairFace train: {len(fit_rows)} faces to train on, "
           f"{len(held)} held out ({(genders[held] == 'Female').sum()} women); {env['date']}; {env['machine']}\n")
     print("| balance | seed | held-out accuracy | women | men | gap (points) | worst group (n) | ECE women / men |")
     print("|---|---|---|---|---|---|---|---|")

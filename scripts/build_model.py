@@ -41,9 +41,21 @@ RECIPES = {
 }
 
 
-#: What every model trained on this project's FairFace folder must say wherever it is listed.
-FAIRFACE_CAVEAT = ("Trained and measured on male FairFace faces only (the FairFace subset available has no women); "
-                   "accuracy on women is measured only cross-dataset, on UTKFace.")
+
+
+def fairface_caveat(config: ModelConfig) -> str:
+    """What every model trained on this project's FairFace folder must say wherever it is listed: who is fewer in
+    its training data, and where per-group accuracy is measured."""
+    mix = config.training_mix or {}
+    cells = [(n, f"{c} {g.lower()}") for c, row in (mix.get("per_race_gender") or {}).items() for g, n in row.items()
+             if g != "unknown"]
+    women, total = (mix.get("per_gender") or {}).get("Female", 0), mix.get("images", 0)
+    fewest = min(cells) if cells else None
+    return ("Perceived race in FairFace's 7 categories, learnt from FairFace train"
+            + (f" ({women / total:.0%} women" if total else "")
+            + (f"; the smallest group, {fewest[1]}, has {fewest[0]:,} faces)" if fewest else ")")
+            + ". Accuracy per race x gender on FairFace val and, cross-dataset, on UTKFace is in the model card: "
+            "it is lower on some groups and on photos unlike FairFace's.")
 
 
 def main() -> None:
@@ -85,7 +97,8 @@ def finish(name: str, target: Path, config: ModelConfig, fairface: Path, utkface
     summary = {f"{m['data']['spec'].split(':')[0]}_{m['data']['split']}_{m['scheme']}_accuracy": round(m["accuracy"], 4)
                for m in evaluations}
     own = {k: v for k, v in config.metrics.items() if k.startswith("validation_")}
-    config = ModelConfig.from_dict({**config.to_dict(), "caveat": FAIRFACE_CAVEAT, "metrics": {**own, **summary}})
+    config = ModelConfig.from_dict({**config.to_dict(), "caveat": fairface_caveat(config),
+                                    "metrics": {**own, **summary}})
     (target / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     write_model_card(target, config, evaluations, REPRODUCE.format(name=name),
                      figures=[("Calibration on FairFace val (7 classes)", "reliability.png")])
