@@ -518,3 +518,11 @@ def test_two_runs_started_into_the_same_parquet_folder_refuse_the_second(tmp_pat
     new_output_folder(out)  # the first run (local or Ray) has claimed it, and written nothing yet
     with pytest.raises(InvalidParameterError, match="already holds files|another run"):
         new_output_folder(out)
+
+
+def test_a_ray_job_that_wrote_nothing_leaves_its_folder_free_for_the_rerun(tmp_path, faces):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    code, _, err = run_cli("predict", faces[0], "--engine", "ray", "--ray-address", "127.0.0.1:1", "-o", out, "-q")
+    assert code == 2 and "nothing answers" in err
+    assert not out.exists() or not any(out.iterdir())  # the rerun with the right address may use it

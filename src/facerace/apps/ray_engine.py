@@ -33,7 +33,8 @@ import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 from facerace.apps.sources import Source, expand
-from facerace.apps.tables import filesystem, new_output_folder, pyarrow, row_schema, to_table
+from facerace.apps.tables import (filesystem, new_output_folder, pyarrow, release_output_folder, row_schema,
+                                  to_table)
 from facerace.errors import Interrupted, InvalidParameterError, MissingDependencyError, check_choice
 from facerace.images import IMAGE_SUFFIXES
 from facerace.predictor import Predictor
@@ -296,13 +297,23 @@ def run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, *, 
     turns off Ray Data's progress bars. Every image gets at least one row; rows come in no
     particular order.
     """
+    check_choice("kind", kind, KINDS)
+    predictor.validate()
+    new_output_folder(output)
+    try:
+        return _run(kind, inputs, output, predictor, ray_address, workers, column, root, quiet)
+    except BaseException:  # a job that wrote nothing (no cluster there, Ctrl-C at start-up) leaves no claim
+        release_output_folder(output)
+        raise
+
+
+def _run(kind: str, inputs: Sequence[str], output: str, predictor: Predictor, ray_address: str | None,
+         workers: int | None, column: str | None, root: str | None, quiet: bool) -> Summary:
+    """`run` once its output folder is claimed."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    check_choice("kind", kind, KINDS)
     pa = pyarrow()
-    predictor.validate()
-    new_output_folder(output)
     sources = list_images(inputs, column=column, root=root)
     if not sources:
         raise InvalidParameterError(f"no images in {', '.join(inputs)}")

@@ -158,6 +158,17 @@ def new_output_folder(uri: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
     return filesys, path
 
 
+def release_output_folder(uri: str | Path) -> None:
+    """Give up the claim on a local output folder that holds nothing else (the run stopped before writing
+    anything), so that the same command can be run again."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    if isinstance(filesys, fs.LocalFileSystem) and Path(path).is_dir() and \
+            [p.name for p in Path(path).iterdir()] == [CLAIM_FILE]:
+        (Path(path) / CLAIM_FILE).unlink()
+
+
 class ParquetRowWriter:
     """Writes rows to FOLDER/part-00000.parquet as they come (buffered in row groups); `close()` finishes the file.
 
