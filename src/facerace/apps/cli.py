@@ -25,7 +25,8 @@ USAGE_ERRORS = (InvalidParameterError, DatasetError, ModelNotFoundError)
 _CACHED = "the embeddings computed so far are kept in the cache: the same command continues from them"
 INTERRUPTED = {"train": _CACHED, "evaluate": _CACHED, "serve": "the server stopped",
                "stream": "stopped; the rows and video written so far are kept",
-               "audit": "the rows predicted so far are kept in the --out folder's faces.jsonl"}
+               "audit": "if per-face rows were computed, the line above says where they are kept",
+               "label": "the labelling page stopped; every answer given is saved in labels.csv"}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
