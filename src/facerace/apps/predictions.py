@@ -69,7 +69,7 @@ def read_batches(path: str | Path, column: str | None = None, *, details: bool =
     if not path.is_file():
         raise InvalidParameterError(f"{path}: no such predictions file")
     if suffix == ".parquet":
-        return _parquet_batches([(path, _parquet_file(path))], column, details)
+        return _parquet_batches([(path, _parquet_columns(path))], column, details)
     if suffix == ".csv":
         fields, rows = read_csv(path, tolerant=True)
         if column is not None and column not in fields:
@@ -238,9 +238,9 @@ def _csv_rows(path: Path, rows: Iterator[tuple[int, dict[str, str] | str]]) -> I
 
 
 # ---- Parquet -------------------------------------------------------------------------------------------------
-def _parquet_files(folder: Path) -> list[tuple[Path, Any]]:
-    """The .parquet files of a folder, each with its ParquetFile (recursive, sorted; hidden and `_` files and other kinds skipped,
-    with a notice)."""
+def _parquet_files(folder: Path) -> list[tuple[Path, list[str]]]:
+    """The .parquet files of a folder (recursive, sorted; hidden and `_` files skipped, other kinds skipped with a
+    notice), each with its column names."""
     try:
         found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
     except OSError as exc:
@@ -252,10 +252,10 @@ def _parquet_files(folder: Path) -> list[tuple[Path, Any]]:
     if others:
         notice(f"{folder}: skipped {len(others)} file(s) that are not .parquet: "
                + ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else ""))
-    return [(p, _parquet_file(p)) for p in parts]
+    return [(p, _parquet_columns(p)) for p in parts]
 
 
-def _parquet_file(path: Path) -> Any:
+def _parquet_open(path: Path) -> Any:
     """`path` opened as a ParquetFile (its footer read and checked), or an InvalidParameterError naming it."""
     from facerace.apps.tables import pyarrow
 
@@ -268,31 +268,45 @@ def _parquet_file(path: Path) -> Any:
         raise InvalidParameterError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _parquet_batches(files: list[tuple[Path, Any]], column: str | None, details: bool) -> Iterator[RowBatch]:
-    for path, pf in files:
-        names = pf.schema_arrow.names
+def _parquet_columns(path: Path) -> list[str]:
+    """The column names of Parquet file `path`, whose footer is checked now (the file is closed again: a folder
+    may hold thousands)."""
+    with _parquet_open(path) as pf:
+        return list(pf.schema_arrow.names)
+
+
+def _parquet_batches(files: list[tuple[Path, list[str]]], column: str | None, details: bool) -> Iterator[RowBatch]:
+    for path, names in files:
         if column is not None and column not in names:
             raise InvalidParameterError(f"--by {column}: {path} has no column {column!r}; its columns are: "
                                         f"{', '.join(names)}")
-    return _parquet_rows(files, column, details)
+    return _parquet_rows([path for path, _ in files], column, details)
 
 
-def _parquet_rows(files: list[tuple[Path, Any]], column: str | None, details: bool) -> Iterator[RowBatch]:
-    for path, pf in files:
-        names = pf.schema_arrow.names
-        wanted = [c for c in ("path", "status", "probabilities", column, *(("face", "box") if details else ()))
-                  if c is not None and c in names]
-        for group in range(pf.num_row_groups):
-            total, done = pf.metadata.row_group(group).num_rows, 0
-            try:
-                for batch in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=list(dict.fromkeys(wanted))):
-                    done += batch.num_rows
-                    yield _arrow_batch(batch, column, details)
-            except Exception as exc:  # a row group whose pages do not decode: its rows are error rows
-                yield RowBatch([None] * (total - done), ["error"] * (total - done),
-                               np.full((total - done, 0), np.nan), None, [None] * (total - done) if column else None,
-                               [None] * (total - done) if details else None, [None] * (total - done) if details else None)
-                notice(f"{path}: row group {group}: {total - done} rows unreadable ({exc})")
+def _parquet_rows(files: list[Path], column: str | None, details: bool) -> Iterator[RowBatch]:
+    for path in files:
+        with _parquet_open(path) as pf:
+            names = pf.schema_arrow.names
+            wanted = [c for c in ("path", "status", "probabilities", column, *(("face", "box") if details else ()))
+                      if c is not None and c in names]
+            for group in range(pf.num_row_groups):
+                yield from _row_group(pf, group, path, list(dict.fromkeys(wanted)), column, details)
+
+
+def _row_group(pf: Any, group: int, path: Path, columns: list[str], column: str | None, details: bool
+               ) -> Iterator[RowBatch]:
+    """The batches of one row group; the rows of a row group whose pages do not decode are error rows."""
+    total, done = pf.metadata.row_group(group).num_rows, 0
+    try:
+        for batch in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=columns):
+            done += batch.num_rows
+            yield _arrow_batch(batch, column, details)
+    except Exception as exc:  # damaged pages, a column Arrow cannot read
+        lost = total - done
+        notice(f"{path}: row group {group}: {lost} rows unreadable ({exc})")
+        yield RowBatch([None] * lost, ["error"] * lost, np.full((lost, 0), np.nan), None,
+                       [None] * lost if column else None, [None] * lost if details else None,
+                       [None] * lost if details else None)
 
 
 def _arrow_batch(batch: pa.RecordBatch, column: str | None, details: bool = False) -> RowBatch:
