@@ -175,6 +175,21 @@ def test_validated_is_unbiased_and_covers_under_a_strong_shift(synthetic, weight
     assert 0.93 <= np.mean(hits) <= 0.97
 
 
+def test_validated_covers_with_few_labels(synthetic):
+    """300 faces, 50 labelled, rare classes (2-5%): a class with few faces in the sample must not get too small a
+    variance (without the pseudo-faces: 93% coverage here)."""
+    _, _, _, means = synthetic
+    rng = np.random.default_rng(13)
+    hits = []
+    for _ in range(400):
+        probs, y = _gaussian_faces(rng, means, 300, np.array([0.8, 0.1, 0.05, 0.03, 0.02]))
+        truth = np.bincount(y, minlength=5) / len(y)
+        sample = rng.choice(300, 50, replace=False)
+        _, low, high = validated(probs.mean(0), 300, probs[sample], y[sample])
+        hits.append((low <= truth + 1e-9) & (truth <= high + 1e-9))
+    assert 0.95 <= np.mean(hits) <= 0.985
+
+
 def test_validated_strata_are_right_however_unequally_they_were_sampled(synthetic):
     """Two groups of 900 and 100 faces with 50 labelled in each: pooling the labelled faces over-weights the small
     group; the stratified estimate does not, and covers the truth."""
@@ -213,7 +228,8 @@ def test_validated_by_hand():
     probs = np.array([[0.8, 0.2], [0.4, 0.6]])
     est, low, high = validated(np.array([0.5, 0.5]), 4, probs, np.array([0, 1]))
     np.testing.assert_allclose(est, [0.5 + (0.2 - 0.4) / 2, 0.5 + (-0.2 + 0.4) / 2])
-    se = np.sqrt((1 - 2 / 4) * np.var([0.2, -0.4], ddof=1) / 2)
+    # the variance also counts one pseudo-face per class: residuals (1, 0) - (0.5, 0.5) and (0, 1) - (0.5, 0.5)
+    se = np.sqrt((1 - 2 / 4) * np.var([0.2, -0.4, 0.5, -0.5], ddof=1) / 2)
     np.testing.assert_allclose(low, np.clip(est - 1.959964 * se, 0, 1), atol=1e-6)  # intervals inside [0, 1]
     np.testing.assert_allclose(high, np.clip(est + 1.959964 * se, 0, 1), atol=1e-6)
     # every face labelled: the labelled shares, exactly
