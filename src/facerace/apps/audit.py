@@ -100,8 +100,10 @@ METHOD_TEXT = {
                  "training photos",
 }
 VALIDATED_INTERVAL = ("normal interval, estimate +- 1.96 standard errors, from the variance of (true class - "
-                      "probability vector) over the labelled faces with the finite-population correction (1 - n/N) "
-                      "(the labelled faces are n of the group's N faces, drawn without replacement)")
+                      "probability vector) over the labelled faces plus one pseudo-face per class (so that a class "
+                      "with few labelled faces does not get too small a variance), with the finite-population "
+                      "correction (1 - n/N) (the labelled faces are n of the group's N faces, drawn without "
+                      "replacement)")
 
 
 @dataclass(frozen=True)
