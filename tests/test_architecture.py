@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "facerace"
 
 LAYERS = [
-    ("errors", "files", "version", "labels", "images", "results", "parallel", "textout", "quantify"),
+    ("errors", "files", "version", "labels", "images", "results", "parallel", "textout", "quantify", "csvread"),
     ("detect", "align", "head", "backbones"),
     ("faces", "model"),
     ("predictor",),

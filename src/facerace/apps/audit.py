@@ -603,9 +603,9 @@ class Tally:
             shown = ", ".join(items[:_LISTED])
             return shown + (f" and {len(items) - _LISTED:,} more" if len(items) > _LISTED else "")
 
-        empty = [repr(g.name) for g in groups if not g.faces]
-        small = [f"{g.name!r} ({g.faces})" for g in groups if 0 < g.faces < SMALL_GROUP]
-        sampled = [f"{name!r} ({s.n:,})" for name, s in self.stats.items() if s.sampled]
+        empty = [_shown(g.name) for g in groups if not g.faces]
+        small = [f"{_shown(g.name)} ({g.faces})" for g in groups if 0 < g.faces < SMALL_GROUP]
+        sampled = [f"{_shown(name)} ({s.n:,})" for name, s in self.stats.items() if s.sampled]
         notes: list[tuple[type[Warning], str]] = []
         if empty:
             notes.append((SmallGroupWarning, f"{len(empty)} group(s) have no classified face and are left out of the "
@@ -614,9 +614,9 @@ class Tally:
             notes.append((SmallGroupWarning, f"{len(small)} group(s) have fewer than {SMALL_GROUP} faces, so their "
                                              f"intervals are wide: {listed(small)}"))
         if self.method == "validated":
-            few = [f"{g.name!r} (only {g.labelled} labelled faces)" for g in groups
+            few = [f"{_shown(g.name)} (only {g.labelled} labelled faces)" for g in groups
                    if g.faces and g.method == "validated" and g.labelled < FEW_LABELS]
-            none = [f"{g.name!r} ({g.labelled} labelled)" for g in groups if g.faces and g.method != "validated"]
+            none = [f"{_shown(g.name)} ({g.labelled} labelled)" for g in groups if g.faces and g.method != "validated"]
             if few:
                 notes.append((LabelsWarning, f"{len(few)} group(s) have fewer than {FEW_LABELS} labelled faces, so "
                                              f"their validated intervals rest on few labels; label more (--sample): "
@@ -646,6 +646,12 @@ class Tally:
                                         "may then be biased beyond its interval; for an estimate that holds, label a "
                                         "random sample: --sample 200, then `facerace label OUT`, then --labels"))
         return notes
+
+
+def _shown(name: str, width: int = 60) -> str:
+    """A group name for a warning: quoted, control characters escaped, cut to `width` characters."""
+    text = printable(name)
+    return "'" + (text if len(text) <= width else text[:width - 1] + "…") + "'"
 
 
 def _scheme_name(classes: tuple[str, ...]) -> str:

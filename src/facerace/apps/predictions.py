@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
-from facerace.apps.sources import MAX_LINE, BadLine, read_csv, text_lines
+from facerace.csvread import MAX_LINE, BadLine, read_csv, text_lines
 from facerace.errors import InvalidParameterError
 from facerace.files import notice
 from facerace.labels import SCHEMES

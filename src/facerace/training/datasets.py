@@ -18,12 +18,11 @@ holds all of them becomes the dataset's scheme.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from facerace.errors import DatasetError, check_choice
+from facerace.errors import DatasetError, InvalidParameterError, check_choice
 
 KINDS = ("fairface", "utkface", "folder", "csv")
 UTK_RACES = ("White", "Black", "Asian", "Indian", "Others")
@@ -182,18 +181,15 @@ def read_folder(root: Path, split: str) -> Dataset:
 
 
 def read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """(column names, [(line number, row)]) of a CSV file, UTF-8 with or without a byte-order mark;
-    DatasetError naming the file if it cannot be read or is not UTF-8."""
+    """(column names, [(line number, row)]) of a CSV file, read by the one CSV reader (`csvread.read_csv`);
+    DatasetError naming the file (and line) if it cannot be read, is not UTF-8 or not CSV."""
+    from facerace.csvread import read_csv as read_rows
+
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(enumerate(reader, start=2))
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
-    except csv.Error as exc:  # a field over the csv module's size limit, ...
-        raise DatasetError(f"{path}: not a CSV file ({exc})") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read this file ({exc.strerror or exc})") from None
+        fields, rows = read_rows(path)
+    except InvalidParameterError as exc:
+        raise DatasetError(str(exc)) from None
+    return fields, [(line, row) for line, row in rows if isinstance(row, dict)]
 
 
 def read_csv(path: Path, split: str, path_column: str, label_column: str) -> Dataset:
