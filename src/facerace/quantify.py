@@ -577,31 +577,42 @@ def shift_test(top: np.ndarray, heldout: HeldOut, shares: np.ndarray, *, replica
     the model's held-out faces?
 
     Needs no labels. A collection that differs from the training data only in its class mix has
-    the top probabilities of held-out faces mixed in its class `shares` (K,, e.g. the pacc
-    estimate). The distance is the Kolmogorov-Smirnov distance between the faces' top-probability
-    distribution and that mixture of the held-out faces'; its p-value comes from `replicates`
-    parametric bootstrap collections of as many faces drawn from the held-out faces with those
-    weights, each against a held-out set resampled within each class (its finite size is uncertain too).
+    the top probabilities of held-out faces mixed in its class `shares` (K,: the pacc estimate of
+    the collection). The distance is the Kolmogorov-Smirnov distance between the faces'
+    top-probability distribution and that mixture of the held-out faces'. Its p-value comes from a
+    parametric bootstrap of the whole procedure, `replicates` times: a collection of as many faces
+    drawn from the held-out faces mixed in `shares`, a held-out set resampled within each class (its
+    finite size is uncertain too), the pacc estimate of the drawn collection with that set's
+    confusion matrix, and the distance between the two (so that fitting the mix to the faces, which
+    brings the mixture closer to them, is accounted for).
     """
     top = np.asarray(top, np.float64)
     rng = np.random.default_rng(random_state)
-    held_bins = np.digitize(heldout.probabilities.max(1), np.linspace(0, 1, SHIFT_BINS + 1)[1:-1])
-    per_class = np.bincount(heldout.labels, minlength=len(shares))
-    weights = np.asarray(shares, np.float64)[heldout.labels] / per_class[heldout.labels]
-    weights /= weights.sum()
+    probs, labels = heldout.probabilities, heldout.labels
+    k = probs.shape[1]
+    held_bins = np.digitize(probs.max(1), np.linspace(0, 1, SHIFT_BINS + 1)[1:-1])
+    onehot = np.eye(k)[labels]
 
-    def cdf(bins: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return np.cumsum(np.bincount(bins, w, minlength=SHIFT_BINS)) / w.sum()
+    def mixture(counts: np.ndarray, mix: np.ndarray) -> np.ndarray:
+        """Weights of the held-out faces (drawn `counts` times each) mixed in shares `mix`."""
+        per_class = onehot.T @ counts
+        w = counts * (np.asarray(mix, np.float64) / np.where(per_class > 0, per_class, 1.0))[labels]
+        return w / w.sum()
 
-    reference = cdf(held_bins, weights)
-    observed = np.abs(np.cumsum(top) / top.sum() - reference).max()
-    classes = [np.nonzero(heldout.labels == i)[0] for i in range(len(per_class))]
-    null = np.empty(replicates)
-    for b in range(replicates):
-        resampled = np.zeros(len(weights))
-        for rows in classes:
-            if len(rows):
-                np.add.at(resampled, rows[rng.integers(0, len(rows), len(rows))], 1.0)
-        drawn = rng.multinomial(int(top.sum()), weights).astype(np.float64)
-        null[b] = np.abs(cdf(held_bins, drawn) - cdf(held_bins, weights * resampled)).max()
+    def cdf(w: np.ndarray) -> np.ndarray:
+        return np.cumsum(np.bincount(held_bins, w, minlength=SHIFT_BINS)) / w.sum()
+
+    ones = np.ones(len(labels))
+    weights = mixture(ones, shares)
+    observed = np.abs(np.cumsum(top) / top.sum() - cdf(weights)).max()
+    n = int(top.sum())
+    resampled = np.zeros((replicates, len(labels)))
+    for rows in (np.nonzero(labels == i)[0] for i in range(k)):
+        if len(rows):
+            resampled[:, rows] = resample_counts(len(rows), replicates, rng)
+    drawn = rng.multinomial(n, weights, size=replicates).astype(np.float64)
+    class_sums = np.einsum("bn,nj,ni->bji", resampled, probs, onehot)  # resampled confusion, unnormalised
+    confusion = class_sums / np.maximum(np.einsum("bn,ni->bi", resampled, onehot), 1.0)[:, None, :]
+    refit = simplex_least_squares(confusion, drawn @ probs / n)
+    null = np.array([np.abs(cdf(drawn[b]) - cdf(mixture(resampled[b], refit[b]))).max() for b in range(replicates)])
     return float(observed), float((1 + np.sum(null >= observed)) / (1 + replicates))
