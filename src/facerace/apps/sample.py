@@ -22,7 +22,7 @@ import numpy as np
 from facerace.errors import InvalidParameterError
 from facerace.files import atomic_output
 from facerace.labels import MAPPINGS, SCHEMES, convert_probabilities, reachable
-from facerace.quantify import SHIFT_BINS, Stratum, top_histogram
+from facerace.quantify import Stratum
 from facerace.textout import CsvWriter, json_text
 
 #: sample.csv's columns (`label` left empty for the person labelling; `crop`: the face's picture).
@@ -77,9 +77,6 @@ class Matched:
     skipped: int
     duplicates: int
     file: str
-
-    def counts(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.problems.items()}
 
 
 @dataclass(frozen=True)
@@ -164,15 +161,13 @@ def read_labels(path: str | Path) -> LabelFile:
 
 
 class Collector:
-    """What an audit keeps of its classified faces beside their probabilities, as the rows stream by: the labelled
-    ones (matched by resolved path and face index, their probabilities in the audit's `scheme`, decided at the
-    first face when None), each group's mean probabilities, the sample being drawn and the histogram of top
-    probabilities (`quantify.shift_test`)."""
+    """What an audit keeps of its classified faces beside their per-group statistics, as the rows stream by: the
+    labelled ones (matched by resolved path and face index, their probabilities in the audit's `scheme`, decided
+    at the first face when None), each group's mean probabilities in that scheme, and the sample being drawn."""
 
     def __init__(self, labels: LabelFile | None, sampler: Sampler | None, scheme: str | None) -> None:
         self.labels, self.sampler, self.scheme = labels, sampler, scheme
         self._wanted = {key for _, key, _ in labels.rows} if labels is not None else set()
-        self.top = np.zeros(SHIFT_BINS)
         self._sums: dict[str, np.ndarray] = {}
         self._counts: dict[str, int] = {}
         self._found: dict[tuple[str, int], tuple[list[str], np.ndarray]] = {}
@@ -183,7 +178,6 @@ class Collector:
         scheme `source`."""
         if self.scheme is None:
             self.scheme = self.labels.scheme(source) if self.labels is not None else source
-        self.top += top_histogram(vector[None])
         if self.sampler is not None:
             self.sampler.add(groups[-1], row)
         if self.labels is None:
