@@ -5,12 +5,15 @@
 Prints faces per second with 1 process and with all cores (median of the repeats, pool
 start-up included), per-stage times, and the time to the first prediction in a fresh process.
 Several `--model`s are measured side by side, alternating in each repeat, and compared with the first.
+`--record` writes each shipped model's all-core figure into its config.json (`metrics`), where `facerace models`
+shows it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import subprocess
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 
 from facerace import Predictor
+from facerace.model import SHIPPED, shipped_dir
 from facerace.training.runs import environment
 
 
@@ -39,6 +43,17 @@ def first_prediction_seconds(path: Path, model: str) -> float:
     return time.perf_counter() - start
 
 
+def record(speeds: dict[str, float], where: str) -> None:
+    """Write `speeds` (faces/s) of the shipped models among them into their config.json `metrics`."""
+    for name, fps in speeds.items():
+        if name not in SHIPPED:
+            continue
+        path = shipped_dir(name) / "config.json"
+        config = json.loads(path.read_text())
+        config["metrics"].update({"faces_per_second": round(fps, 1), "speed_measured": where})
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fairface", type=Path, required=True)
@@ -46,6 +61,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--detector", default="yunet")
     ap.add_argument("--model", action="append", help="model to time (repeatable; default: default)")
+    ap.add_argument("--record", action="store_true", help="write the all-core faces/s into shipped models' configs")
     args = ap.parse_args()
     models = args.model or ["default"]
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
@@ -68,6 +84,8 @@ def main() -> None:
     for m, workers, fps, st in rows:
         stages = " / ".join(f"{st[k]:.1f}" for k in ("read", "detect", "align", "embed_classify"))
         print(f"| `{m}` | {workers} | {fps:.1f} | {fps / base[workers]:.2f}x | {stages} |")
+    if args.record:
+        record({m: fps for m, w, fps, _ in rows if w == cores}, f"{env['date']}, {env['machine']}, {cores} processes")
     print("\ntime to first prediction in a fresh process (python start, import, model load, one image): "
           + ", ".join(f"`{m}` {s:.2f} s" for m, s in first.items()))
 

@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Sequence
 from facerace.errors import DatasetError, FaceraceError, InvalidParameterError, ModelNotFoundError
 from facerace.textout import json_text, printable
 
+#: --model: the shipped models (facerace.model.SHIPPED; `facerace models` lists them with their accuracy) or a folder.
+MODEL_HELP = ("shipped model: default (dlib + SFace networks) or fast (dlib alone: about twice the speed, a few "
+              "points less accurate; see `facerace models`), or a model/run folder (default: default)")
+
 if TYPE_CHECKING:
     from facerace.apps.output import RowWriter
     from facerace.apps.tables import ParquetRowWriter
@@ -89,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--detector", help=f"face detector: {', '.join(DETECTORS)} (default: the model's)")
     pr.add_argument("--threshold", type=float,
                     help="confidence below which a face is uncertain (default: the model's, for the scheme)")
-    pr.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    pr.add_argument("--model", default="default", help=MODEL_HELP)
     pr.add_argument("--column", help="CSV column holding paths (default: path or file)")
     pr.add_argument("--root", type=Path, help="folder CSV paths must stay inside (default: the CSV's folder)")
     pr.add_argument("--min-face", type=int, default=MIN_FACE, help="smaller faces (px) are reported, not classified")
@@ -120,11 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(tr)
 
     ex = sub.add_parser("export", help="write a model as one ONNX file: face chips -> probabilities")
-    ex.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    ex.add_argument("--model", default="default", help=MODEL_HELP)
     ex.add_argument("--output", "-o", type=Path, required=True, help="the .onnx file to write")
 
     ev = sub.add_parser("evaluate", help="score a model on a labelled dataset split")
-    ev.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    ev.add_argument("--model", default="default", help=MODEL_HELP)
     ev.add_argument("--data", required=True, metavar="KIND:PATH",
                     help="labelled dataset, e.g. fairface:data/fairface, utkface:data/UTKFace or csv:labels.csv")
     ev.add_argument("--split", default="val", help="dataset split (default val; utkface has one: all)")
@@ -142,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--by", default="none", help="group by: none (default), folder (the folder holding each "
                                                  "image) or a column of the input CSVs / the --from file")
     au.add_argument("--scheme", help=f"label scheme: {', '.join(SCHEMES)} (default: the model's)")
-    au.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    au.add_argument("--model", default="default", help=MODEL_HELP)
     au.add_argument("--method", choices=AUDIT_METHODS,
                     help=f"validated (the default with --labels: the labelled sample corrects the model), adjusted "
                          f"(the default without; = {ADJUSTED}), pacc, em, count (share of predicted labels) or "
@@ -181,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--classify-every", type=int, default=5, help="re-classify each face every N frames")
     st.add_argument("--smooth", type=int, default=10, help="average a face's last N classifications")
     st.add_argument("--max-frames", type=int, help="stop after this many frames")
-    st.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    st.add_argument("--model", default="default", help=MODEL_HELP)
     st.add_argument("--scheme", help="label scheme (default: the model's)")
     st.add_argument("--detector", help="face detector (default: the model's)")
     st.add_argument("--threshold", type=float,
@@ -199,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="address to listen on (0.0.0.0: every network interface; see README 'Safety and limits' first)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
-    sv.add_argument("--model", default="default", help="shipped model name or model/run folder")
+    sv.add_argument("--model", default="default", help=MODEL_HELP)
     sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
     sv.add_argument("--timeout", type=float, default=30.0, help="seconds of analysis before a request gets 504")
     sv.add_argument("--header-timeout", type=float, default=10.0,

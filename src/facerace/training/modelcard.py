@@ -227,8 +227,7 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         "",
         "## Limits",
         *([f"- {config.caveat}"] if config.caveat else []),
-        "- Categories are coarse: Latino_Hispanic and Middle Eastern are the least accurate classes, and "
-        "East vs Southeast Asian are often confused (see the per-class tables).",
+        *_weakest_classes(evaluations),
         "- Crops from FairFace and UTKFace are aligned, mostly frontal photos; side views, occlusion, low light, "
         "very small faces and heavy make-up or filters are not measured.",
         "- Probabilities are calibrated on FairFace validation data; on other data they may be over- or "
@@ -243,6 +242,18 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
     path = Path(model_dir) / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _weakest_classes(evaluations: Sequence[dict[str, Any]]) -> list[str]:
+    """A Limits line naming the two classes of lowest recall in the first evaluation (none without one)."""
+    if not evaluations:
+        return []
+    m = evaluations[0]
+    recall = sorted((v["recall"], c) for c, v in m["per_class"].items() if v["support"])
+    names = " and ".join(f"{md(c)} ({r:.0%})" for r, c in recall[:2])
+    return [f"- Categories are coarse: {names} have the lowest recall on {md(m['data']['spec'].split(':')[0])} "
+            f"{md(m['data']['split'])}, and neighbouring categories are often confused (see the per-class tables "
+            "and confusion matrices)."]
 
 
 def _networks(config: ModelConfig) -> str:
