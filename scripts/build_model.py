@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 from facerace.head import HeadParams
-from facerace.model import SHIPPED, ModelConfig, load_config, shipped_dir
+from facerace.model import SHIPPED, ModelConfig, gender_words, load_config, shipped_dir
 from facerace.training.config import TrainConfig
 from facerace.training.evaluate import evaluate
 from facerace.training.modelcard import write_model_card
@@ -33,8 +33,10 @@ REPRODUCE = ("python scripts/build_model.py {name} --fairface ../shared/datasets
 #: Training settings of each model (the rest are TrainConfig's defaults).
 RECIPES = {
     # dlib (mirror averaged) and SFace (its mirror did not pay) fused, 1024 hidden units: chosen on held-out
-    # FairFace train (docs/BENCHMARKS.md, issue 10)
-    "default": {"backbone": "dlib-resnet-v1-onnx+sface", "flip_average": (True, False), "head": HeadParams(hidden=1024)},
+    # FairFace train (docs/BENCHMARKS.md, issue 10); every race x gender group weighed equally: chosen on held-out
+    # FairFace train too (benchmarks/balance.py, issue 17)
+    "default": {"backbone": "dlib-resnet-v1-onnx+sface", "flip_average": (True, False), "head": HeadParams(hidden=1024),
+                "balance": "race,gender"},
     # dlib alone, one pass per face (no mirror): the speed option (issue 17)
     "fast": {"backbone": "dlib-resnet-v1-onnx", "flip_average": False},
     "finetuned": {"backbone": "dlib-torch", "unfreeze": 5, "views": 8},
@@ -93,15 +95,24 @@ def finish(name: str, target: Path, config: ModelConfig, fairface: Path, utkface
                      out=new_run_dir(None, "evaluate", f"{name}-{config.version}-{spec.split(':')[0]}-{scheme}"),
                      workers=workers, cache_dir=cache_dir) for spec, split, scheme in jobs]
     evaluations = [m for _, m in runs]
-    shutil.copy(runs[0][0] / "reliability.png", target / "reliability.png")
-    summary = {f"{m['data']['spec'].split(':')[0]}_{m['data']['split']}_{m['scheme']}_accuracy": round(m["accuracy"], 4)
-               for m in evaluations}
+    figure = runs[0][0] / "reliability.png"
+    if figure.is_file():  # a plot that failed is a warning of evaluate's, not a lost model card
+        shutil.copy(figure, target / "reliability.png")
+    summary = {}
+    for m in evaluations:
+        key = f"{m['data']['spec'].split(':')[0]}_{m['data']['split']}_{m['scheme']}"
+        summary[f"{key}_accuracy"] = round(m["accuracy"], 4)
+        if m["scheme"] != "race6" and m["worst_group"]:
+            w = m["worst_group"]
+            summary[f"{key}_worst_group"] = f"{w['race']} {gender_words(w['gender'])} {w['accuracy']:.3f} (n={w['n']})"
+        if m["scheme"] != "race6" and m["gender_gap"]:
+            summary[f"{key}_gender_gap_points"] = round(m["gender_gap"]["points"], 1)
     own = {k: v for k, v in config.metrics.items() if k.startswith("validation_")}
     config = ModelConfig.from_dict({**config.to_dict(), "caveat": fairface_caveat(config),
                                     "metrics": {**own, **summary}})
     (target / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     write_model_card(target, config, evaluations, REPRODUCE.format(name=name),
-                     figures=[("Calibration on FairFace val (7 classes)", "reliability.png")])
+                     figures=[("Calibration on FairFace val (7 classes)", "reliability.png")] if figure.is_file() else [])
     print(f"{name} model written to {target}")
 
 
