@@ -77,3 +77,4 @@ def test_train_with_balance_records_it_and_resumes_with_it(tiny_fairface, tmp_pa
     settings = json.loads((run / "config.json").read_text())
     settings.pop("environment")
     assert TrainConfig.from_dict(settings).balance == "race,gender"
+
