@@ -46,42 +46,55 @@ def scores(y: np.ndarray, probs: np.ndarray, races: list[str], genders: np.ndarr
             "gap": 100 * (by_gender["Male"] - by_gender["Female"]), "by_gender": by_gender, "ece": ece}
 
 
+def show(option: str, seed: str, s: dict) -> dict:
+    """Print one table row of `scores` output; return it."""
+    print(f"| {option} | {seed} | {s['accuracy']:.4f} | {s['by_gender']['Female']:.4f} | "
+          f"{s['by_gender']['Male']:.4f} | {s['gap']:.2f} | {s['worst'][0]} {s['worst'][1]:.3f} "
+          f"({s['worst'][2]}) | {s['ece']['Female']:.3f} / {s['ece']['Male']:.3f} |", flush=True)
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fairface", type=Path, required=True)
     ap.add_argument("--recipe", default="default", help="a recipe of scripts/build_model.py")
     ap.add_argument("--options", nargs="+", default=list(BALANCE), choices=BALANCE)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--ensemble", action="store_true", help="also score the mean probabilities of the seeds' heads")
     ap.add_argument("--hidden", type=int, help="override the recipe's hidden units")
     ap.add_argument("--dropout", type=float, help="override the recipe's dropout")
+    ap.add_argument("--flip-average", choices=("on", "off"), help="override the recipe's mirror averaging (all networks)")
     ap.add_argument("--workers", type=int)
     args = ap.parse_args()
 
     base = TrainConfig(data=(f"fairface:{args.fairface}",), scheme="fairface7", **RECIPES[args.recipe])
     overrides = {k: v for k, v in (("hidden", args.hidden), ("dropout", args.dropout)) if v is not None}
     base = replace(base, head=replace(base.head, **overrides))
+    if args.flip_average:
+        base = replace(base, flip_average=args.flip_average == "on")
     x, y, samples, _, _ = load_embeddings(base, train_pipeline(base), workers=args.workers, quiet=True)
     genders = np.array([s.gender or "unknown" for s in samples])
     strata = y * 2 + (genders == "Female")
     fit_rows, held = stratified_split(strata, 0.2, HELD_OUT_SEED)
     races = list(get_scheme(base.scheme).classes)
     env = environment()
-    print(f"\nrecipe `{args.recipe}` ({base.backbone}, {base.head}); FairFace train: {len(fit_rows)} faces to train on, "
+    print(f"\nrecipe `{args.recipe}` ({base.backbone}, flip {base.flip_average}, {base.head}); FairFace train: {len(fit_rows)} faces to train on, "
           f"{len(held)} held out ({(genders[held] == 'Female').sum()} women); {env['date']}; {env['machine']}\n")
     print("| balance | seed | held-out accuracy | women | men | gap (points) | worst group (n) | ECE women / men |")
     print("|---|---|---|---|---|---|---|---|")
     results = {}
     for option in args.options:
+        probs = []
         for seed in args.seeds:
             config = replace(base, balance=option, seed=seed)
             sub = [samples[i] for i in fit_rows]
             tr, va = stratified_split(y[fit_rows], config.val_fraction, config.seed)
             head = fit_head(config, x[fit_rows], y[fit_rows], sub, (tr, va))
-            s = scores(y[held], head.predict_proba(x[held]), races, genders[held])
-            results[(option, seed)] = s
-            print(f"| {option} | {seed} | {s['accuracy']:.4f} | {s['by_gender']['Female']:.4f} | "
-                  f"{s['by_gender']['Male']:.4f} | {s['gap']:.2f} | {s['worst'][0]} {s['worst'][1]:.3f} "
-                  f"({s['worst'][2]}) | {s['ece']['Female']:.3f} / {s['ece']['Male']:.3f} |", flush=True)
+            probs.append(head.predict_proba(x[held]))
+            results[(option, seed)] = show(option, str(seed), scores(y[held], probs[-1], races, genders[held]))
+        if args.ensemble:
+            show(option, "mean of " + ", ".join(map(str, args.seeds)),
+                 scores(y[held], np.mean(probs, axis=0), races, genders[held]))
     first = results[(args.options[0], args.seeds[0])]["groups"]
     print("\nper race x gender group, held-out accuracy (mean over seeds):\n")
     print("| group | n | " + " | ".join(args.options) + " |")

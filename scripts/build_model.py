@@ -37,8 +37,9 @@ RECIPES = {
     # FairFace train too (benchmarks/balance.py, issue 17)
     "default": {"backbone": "dlib-resnet-v1-onnx+sface", "flip_average": (True, False), "head": HeadParams(hidden=1024),
                 "balance": "race,gender"},
-    # dlib alone, one pass per face (no mirror): the speed option (issue 17)
-    "fast": {"backbone": "dlib-resnet-v1-onnx", "flip_average": False},
+    # dlib alone, one pass per face (no mirror): the speed option (issue 17); race x gender balanced, chosen on
+    # held-out FairFace train (benchmarks/balance.py)
+    "fast": {"backbone": "dlib-resnet-v1-onnx", "flip_average": False, "balance": "race,gender"},
     "finetuned": {"backbone": "dlib-torch", "unfreeze": 5, "views": 8},
 }
 
@@ -49,15 +50,15 @@ def fairface_caveat(config: ModelConfig) -> str:
     """What every model trained on this project's FairFace folder must say wherever it is listed: who is fewer in
     its training data, and where per-group accuracy is measured."""
     mix = config.training_mix or {}
-    cells = [(n, f"{c} {g.lower()}") for c, row in (mix.get("per_race_gender") or {}).items() for g, n in row.items()
+    cells = [(n, f"{c} {gender_words(g)}") for c, row in (mix.get("per_race_gender") or {}).items() for g, n in row.items()
              if g != "unknown"]
     women, total = (mix.get("per_gender") or {}).get("Female", 0), mix.get("images", 0)
     fewest = min(cells) if cells else None
-    return ("Perceived race in FairFace's 7 categories, learnt from FairFace train"
-            + (f" ({women / total:.0%} women" if total else "")
-            + (f"; the smallest group, {fewest[1]}, has {fewest[0]:,} faces)" if fewest else ")")
-            + ". Accuracy per race x gender on FairFace val and, cross-dataset, on UTKFace is in the model card: "
-            "it is lower on some groups and on photos unlike FairFace's.")
+    mix_words = "; ".join(([f"{women / total:.0%} women"] if total else [])
+                          + ([f"the smallest group, {fewest[1]}, has {fewest[0]:,} faces"] if fewest else []))
+    return ("Perceived race in FairFace's 7 categories, learnt from FairFace train" + (f" ({mix_words})" if mix_words else "")
+            + ". Its accuracy per race x gender, on FairFace val and cross-dataset on UTKFace, is in its model card: "
+            "lower for some groups, and on photos unlike FairFace's.")
 
 
 def main() -> None:
