@@ -113,15 +113,19 @@ def test_predictor_uses_its_schemes_threshold(tmp_path):
     assert facerace.Predictor(model, scheme="race6").effective_threshold == config["threshold"]
 
 
-def test_shipped_model_has_digests_and_caveat():
-    from facerace.model import training_digests
+def test_shipped_models_have_digests_caveat_and_both_genders():
+    from facerace.model import SHIPPED, training_digests
 
-    config = load_config("default")
-    digests = training_digests("default", config)
-    assert digests is not None and len(digests) > 16_000 and np.all(np.diff(digests.astype(np.float64)) > 0)
     models = facerace.list_models()
-    assert "male FairFace faces only" in models[0]["caveat"]
-    assert models[0]["thresholds"]["fairface7"] == config.threshold
+    assert [m["name"] for m in models] == list(SHIPPED) == ["default", "fast"]
+    for m in models:
+        config = load_config(m["name"])
+        digests = training_digests(m["name"], config)
+        assert digests is not None and len(digests) > 30_000 and np.all(np.diff(digests.astype(np.float64)) > 0)
+        assert "40% women" in m["caveat"] and "Middle Eastern women" in m["caveat"]
+        assert m["training_mix"]["per_gender"] == {"Female": 12_011, "Male": 18_089}
+        assert m["thresholds"]["fairface7"] == config.threshold
+        assert m["metrics"]["fairface_val_fairface7_worst_group"]  # the worst group is stated where models are listed
 
 
 def test_training_caveat_names_a_single_gender():
