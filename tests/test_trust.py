@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 import facerace
 from facerace.errors import InvalidParameterError
@@ -126,6 +127,9 @@ def test_shipped_models_have_digests_caveat_and_both_genders():
         assert m["training_mix"]["per_gender"] == {"Female": 12_011, "Male": 18_089}
         assert m["thresholds"]["fairface7"] == config.threshold
         assert m["metrics"]["fairface_val_fairface7_worst_group"]  # the worst group is stated where models are listed
+    code, out, _ = run_cli("models")
+    assert code == 0 and out.count("fairface val fairface7: accuracy 0.") == 2 and out.count(" faces/s (") == 2
+    assert out.count("worst race x gender group") == 4 and "held-out training faces: accuracy" in out
 
 
 def test_training_caveat_names_a_single_gender():

@@ -641,14 +641,35 @@ def _models(args: argparse.Namespace) -> int:
     from facerace.model import list_models
 
     for m in list_models():
-        acc = ", ".join(f"{k} {v}" for k, v in m["metrics"].items())
+        measured = "".join(f"\n    {line}" for line in _measured(m["metrics"]))
         thresholds = ", ".join(f"{s} {t}" for s, t in m["thresholds"].items())
         _show(f"{m['name']}  (version {m['version']}, {m['backbone']} + {m['detector']} detector)\n"
               f"  classes: {', '.join(m['classes'])}\n  trained on: {m['trained_on']}\n"
               f"  training mix: {m['training_mix_summary'] or 'not recorded (model saved before facerace kept it)'}\n"
-              + (f"  caveat: {m['caveat']}\n" if m["caveat"] else "") + f"  measured: {acc}\n"
+              + (f"  caveat: {m['caveat']}\n" if m["caveat"] else "") + f"  measured:{measured or ' -'}\n"
               f"  uncertain below confidence: {thresholds}\n  {m['path']}")
     return 0
+
+
+#: How `facerace models` names the figures a model's config records, by the end of their key.
+MEASURES = (("_accuracy", "accuracy"), ("_macro_f1", "macro-F1"), ("_worst_group", "worst race x gender group"),
+            ("_gender_gap_points", "gap between genders (points)"))
+
+
+def _measured(metrics: dict[str, object]) -> list[str]:
+    """A model's recorded figures, one line per evaluation ("fairface val fairface7: accuracy 0.672, ...") and
+    its speed."""
+    lines: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        if key in ("faces_per_second", "speed_measured"):
+            continue
+        name, word = next(((key[: -len(end)], w) for end, w in MEASURES if key.endswith(end)), ("other", key))
+        lines.setdefault("held-out training faces" if name == "validation" else name.replace("_", " "),
+                         []).append(f"{word} {value}")
+    out = [f"{name}: {', '.join(parts)}" for name, parts in lines.items()]
+    if "faces_per_second" in metrics:
+        out.append(f"speed: {metrics['faces_per_second']} faces/s ({metrics.get('speed_measured', 'machine not recorded')})")
+    return out
 
 
 def _stream(args: argparse.Namespace) -> int:
