@@ -25,7 +25,6 @@ from facerace.model import SHIPPED, ModelConfig, gender_words, load_config, ship
 from facerace.training.config import TrainConfig
 from facerace.training.evaluate import evaluate
 from facerace.training.modelcard import write_model_card
-from facerace.training.runs import new_run_dir
 from facerace.training.train import resume, train
 
 REPRODUCE = ("python scripts/build_model.py {name} --fairface ../shared/datasets/fairface "
@@ -85,6 +84,14 @@ def main() -> None:
     finish(args.name, target, config, args.fairface, args.utkface, workers=args.workers)
 
 
+def unused_run_dir(name: str) -> Path:
+    """runs/evaluate/NAME, or NAME-2, NAME-3, ... : the first that does not exist (evaluate creates it)."""
+    path, n = Path("runs/evaluate") / name, 2
+    while path.exists():
+        path, n = Path("runs/evaluate") / f"{name}-{n}", n + 1
+    return path
+
+
 def finish(name: str, target: Path, config: ModelConfig, fairface: Path, utkface: Path | None, *,
            workers: int | None = None, cache_dir: Path | None = None) -> None:
     """Evaluate the model in `target` on FairFace val (and UTKFace), then write its config (with the measured
@@ -93,7 +100,7 @@ def finish(name: str, target: Path, config: ModelConfig, fairface: Path, utkface
     if utkface:
         jobs.append((f"utkface:{utkface}", "all", "utk5"))
     runs = [evaluate(name if name in SHIPPED else target, spec, split=split, scheme=scheme,
-                     out=new_run_dir(None, "evaluate", f"{name}-{config.version}-{spec.split(':')[0]}-{scheme}"),
+                     out=unused_run_dir(f"{name}-{config.version}-{spec.split(':')[0]}-{scheme}"),
                      workers=workers, cache_dir=cache_dir) for spec, split, scheme in jobs]
     evaluations = [m for _, m in runs]
     figure = runs[0][0] / "reliability.png"

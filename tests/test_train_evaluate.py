@@ -125,13 +125,3 @@ def test_temperature_undoes_overconfidence():
     y = np.array([rng.choice(5, p=p) for p in softmax(logits)])
     assert fit_temperature(logits * 3, y) == pytest.approx(3, rel=0.15)
 
-
-def test_a_run_folder_made_by_new_run_dir_can_be_given_as_out(tmp_path, monkeypatch):
-    from facerace.training.runs import new_run_dir
-
-    monkeypatch.chdir(tmp_path)
-    made = new_run_dir(None, "evaluate", "named")
-    assert new_run_dir(made, "evaluate") == made  # ours and empty: taken (build_model passes such folders)
-    (made / "metrics.json").write_text("{}")
-    with pytest.raises(FaceraceError, match="not empty"):
-        new_run_dir(made, "evaluate")

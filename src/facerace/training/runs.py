@@ -37,8 +37,6 @@ def new_run_dir(out: str | Path | None, verb: str, name: str | None = None) -> P
     """Create the run folder: `out` if given (it must be new or empty), else `runs/<verb>/expN`
     (or `runs/<verb>/<name>`, then `<name>-2`, ... when `name` is given). The folder is claimed with an
     exclusively created CLAIM_FILE: a second run given the same folder at the same time is refused."""
-    if out is not None and _claimed_by_us(Path(out)):  # made by new_run_dir in this process, still empty
-        return Path(out)
     if out is not None:
         path = check_new_run_dir(out, verb)
         path.mkdir(parents=True, exist_ok=True)
@@ -70,15 +68,6 @@ def _claim(path: Path) -> bool:
     except FileExistsError:
         return False
     return True
-
-
-def _claimed_by_us(path: Path) -> bool:
-    """Whether `path` holds nothing but the CLAIM_FILE of this process."""
-    try:
-        return ([p.name for p in path.iterdir()] == [CLAIM_FILE]
-                and (path / CLAIM_FILE).read_text().strip() == str(os.getpid()))
-    except OSError:
-        return False
 
 
 def discard_if_empty(path: Path) -> None:
