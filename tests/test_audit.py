@@ -173,6 +173,8 @@ def test_composition_of_rows_adjusts_and_merges():
     assert count["White"] == 1.0 and est["White"] == pytest.approx(0.7, abs=1e-3)
     # every face is a blend no held-out face looks like: the label-free shift test says so, and nothing else
     assert [w for w in result.warnings if "top probabilities" not in w] == [] and result.shift["differs"]
+    assert "--sample" in result.warnings[0] and "Do these photos look like the training photos" in result.report()
+    assert result.to_dict()["shift_test"]["p_value"] < 0.05
     assert est["Black"] == pytest.approx(0.3, abs=1e-3)
     merged = composition(_rows(probs, CLASSES7), model={"name": "m", "version": "1"}, model_scheme="fairface7",
                          heldout=held, method="pacc", scheme="utk5", replicates=100)

@@ -241,6 +241,10 @@ def test_validated_composition_of_rows():
     assert est["Black"] == pytest.approx(0.5, abs=0.15) and result.groups[0].ci_high[1] > 0.35
     assert {len(v) for v in sampler.faces.values()} == {10} and set(sampler.faces) == {"g1", "g2"}
     assert "stratified" in result.labels["all"]
+    # the labels disagree with the model far more than its held-out faces do: the report says the photos differ
+    accuracy = result.labels["accuracy"]
+    assert accuracy["collection"]["ci95"][1] < accuracy["heldout"]["ci95"][0] and accuracy["differs"]
+    assert "photos differ from the training data" in result.report()
     with pytest.raises(InvalidParameterError, match="needs labels"):
         composition(rows, model={"name": "m", "version": "1"}, model_scheme="fairface7", method="validated")
 
