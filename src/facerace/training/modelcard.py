@@ -230,7 +230,7 @@ def write_model_card(model_dir: Path, config: ModelConfig, evaluations: Sequence
         *_weakest_classes(evaluations),
         "- Crops from FairFace and UTKFace are aligned, mostly frontal photos; side views, occlusion, low light, "
         "very small faces and heavy make-up or filters are not measured.",
-        "- Probabilities are calibrated on FairFace validation data; on other data they may be over- or "
+        "- Probabilities are calibrated (temperature scaling) on held-out training faces; on other data they may be over- or "
         "under-confident: check `facerace evaluate` on your own labelled data first.",
         "",
         "## Reproduce",
