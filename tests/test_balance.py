@@ -71,8 +71,9 @@ def test_balance_setting_is_checked_before_any_work():
 def test_train_with_balance_records_it_and_resumes_with_it(tiny_fairface, tmp_path):
     run = tmp_path / "run"
     args = ["--data", f"fairface:{tiny_fairface}", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--workers", "1"]
-    assert main(["train", *args, "--out", str(run), "--max-epochs", "5", "--val-fraction", "0.34",
-                 "--balance", "race,gender"]) == 0
+    code, out, _ = run_cli("train", *args, "--out", run, "--max-epochs", 5, "--val-fraction", 0.34,
+                           "--balance", "race,gender")
+    assert code == 0 and "balance: race,gender" in out and "training mix: " in out and "21 faces" in out
     assert json.loads((run / "config.json").read_text())["balance"] == "race,gender"
     settings = json.loads((run / "config.json").read_text())
     settings.pop("environment")

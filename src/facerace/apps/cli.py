@@ -548,9 +548,13 @@ def _train(args: argparse.Namespace) -> int:
     else:
         run = train(TrainConfig.from_flat(vars(args)), out=args.out, cache_dir=args.cache_dir, workers=args.workers,
                     quiet=args.quiet)
+    from facerace.model import load_config
+
     metrics = json.loads((run / "metrics.json").read_text())
     v = metrics["validation"]
+    settings = json.loads((run / "config.json").read_text())
     _show(f"run folder: {run}\nmodel: {run / 'model'} (use --model {run})\n"
+          f"training mix: {load_config(run).mix_summary() or 'not recorded'}; balance: {settings.get('balance')}\n"
           f"held-out validation: accuracy {rate(v['correct'], v['n'], v['accuracy_ci95'])}, "
           f"macro-F1 {v['macro_f1']:.3f}, "
           f"loss {v['loss']:.3f}, ECE {v['ece']:.3f}; best epoch {metrics['best_epoch']}\n"
