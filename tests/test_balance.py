@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from facerace.apps.cli import main
 from facerace.errors import InvalidParameterError
 from facerace.head import HeadParams, RaceHead, group_weights
 from facerace.training.config import TrainConfig
