@@ -5,13 +5,10 @@ Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them), as test
 """
 
 import csv
-import socket
-import threading
-import time
 
 import pytest
 from conftest import run_cli
-from test_web_page import ARTIFACTS, browser  # noqa: F401 (the fixture)
+from test_web_page import ARTIFACTS, browser, live_server  # noqa: F401 (browser: the fixture)
 
 CLASSES7 = ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern")
 
@@ -27,22 +24,9 @@ def sampled(tmp_path, faces, model_with_heldout):
 
 @pytest.fixture()
 def label_server(sampled):
-    import uvicorn
-
     from facerace.apps.label.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(sampled), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    yield from live_server(create_app(sampled))
 
 
 def answered(page) -> int:

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -29,16 +30,14 @@ def browser_or_skip():
     return chromium, driver
 
 
-@pytest.fixture(scope="module")
-def server():
+def live_server(app) -> Iterator[str]:
+    """Serve the ASGI `app` with uvicorn on a free loopback port in a thread; yield its URL, stop it after."""
     import uvicorn
-
-    from facerace.apps.serve.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -47,6 +46,13 @@ def server():
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    from facerace.apps.serve.app import create_app
+
+    yield from live_server(create_app())
 
 
 @pytest.fixture()
