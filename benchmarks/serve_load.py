@@ -54,19 +54,8 @@ def main() -> None:
         ap.error("--fairface is needed (unless --uploads)")
     with open(args.fairface / "fairface_label_val.csv", newline="") as f:
         photos = [(args.fairface / r["file"]).read_bytes() for r in list(csv.DictReader(f))[:100]]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "facerace", "serve", "--port", str(port),
-                               "--workers", str(args.workers), "--timeout", "600"], stderr=subprocess.DEVNULL)
+    server, url = start_server(args)
     try:
-        with httpx.Client(timeout=60) as client:
-            for _ in range(600):
-                try:
-                    if client.get(url + "/v1/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-
         def one(i: int) -> tuple[float, bool]:
             start = time.perf_counter()
             try:
