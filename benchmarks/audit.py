@@ -183,10 +183,10 @@ def main() -> None:
           f"(Dirichlet alpha 0.7) per size; {args.replicates} bootstrap replicates; seed {args.seed}; "
           f"{env['date']}; {env['machine']}; facerace {env['facerace']}")
 
+    jobs = [("FairFace val, fairface7", f"fairface:{args.fairface}", "val", "fairface7")]
+    if args.utkface:
+        jobs.append(("UTKFace (cross-dataset), utk5", f"utkface:{args.utkface}", "all", "utk5"))
     if args.study == "validated":
-        jobs = [("FairFace val, fairface7", f"fairface:{args.fairface}", "val", "fairface7")]
-        if args.utkface:
-            jobs.append(("UTKFace (cross-dataset), utk5", f"utkface:{args.utkface}", "all", "utk5"))
         for title, spec, split, scheme in jobs:
             probs, y = probabilities(args.model, spec, split, scheme, args.cache_dir)
             merge = mapping_matrix(config.scheme, scheme)
@@ -211,9 +211,6 @@ def main() -> None:
                                for key in folds[0][m]} for m in folds[0]}
     table("Choosing the adjusted method on the held-out 12% of FairFace train (2-fold, fairface7)", selection)
 
-    jobs = [("FairFace val, fairface7", f"fairface:{args.fairface}", "val", "fairface7")]
-    if args.utkface:
-        jobs.append(("UTKFace (cross-dataset), utk5", f"utkface:{args.utkface}", "all", "utk5"))
     for title, spec, split, scheme in jobs:
         probs, y = probabilities(args.model, spec, split, scheme, args.cache_dir)
         merge = mapping_matrix(config.scheme, scheme)
