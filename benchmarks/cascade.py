@@ -18,26 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from facerace.labels import convert_label, convert_probabilities, get_scheme
-from facerace.model import load_config, load_heldout, load_model, model_pipeline
-from facerace.training.datasets import open_dataset
-from facerace.training.embeddings import CropEmbedder, embed_files
+from audit import probabilities  # benchmarks/audit.py: a model's probabilities on a dataset (cached)
+
+from facerace.labels import convert_probabilities
+from facerace.model import load_config, load_heldout
 from facerace.training.runs import environment
 
 TOLERANCE = 0.003
-
-
-def probabilities(name: str, spec: str, split: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities in the model's own scheme, true class indices in `scheme`) of shipped model `name` on a
-    dataset (cached embeddings)."""
-    config, head = load_model(name)
-    ds = open_dataset(spec, split)
-    classes = get_scheme(scheme).classes
-    keep = [s for s in ds.samples if convert_label(s.label, ds.scheme, scheme) is not None]
-    emb = embed_files([s.path for s in keep], CropEmbedder(model_pipeline(name, config), ds.face_padding),
-                      progress=False)
-    y = np.array([classes.index(convert_label(s.label, ds.scheme, scheme)) for s, ok in zip(keep, emb.ok) if ok])
-    return head.predict_proba(emb.vectors), y
 
 
 def cascade(fast: np.ndarray, full: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +58,7 @@ def main() -> None:
     print(f"\nthreshold {chosen:.2f} (lowest within {100 * TOLERANCE:.1f} points of `default` on held-out faces)\n")
     print("| data | `fast` | `default` | cascade | share sent to `default` |\n|---|---|---|---|---|")
     for spec, split, scheme in jobs:
-        (pf7, yv), (pd7, _) = (probabilities(m, spec, split, scheme) for m in ("fast", "default"))
+        (pf7, yv), (pd7, _) = (probabilities(m, spec, split, scheme, None) for m in ("fast", "default"))
         pf, pd = (convert_probabilities(p, "fairface7", scheme) for p in (pf7, pd7))
         escalated = pf7.max(1) < chosen  # on `fast`'s fairface7 confidence, as on the held-out faces
         pred = np.where(escalated, pd.argmax(1), pf.argmax(1))
