@@ -125,13 +125,18 @@ def _busy_actor() -> int | None:
     return None
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="finds the actor's process in /proc")
-def test_an_actor_killed_mid_run_loses_no_image(cluster, faces, tmp_path):
-    folder = tmp_path / "many"
+def copies(faces, n: int, folder):
+    """`folder`, created, holding `n` copies of every fixture face (named `{i}_{name}`)."""
     folder.mkdir()
-    for i in range(5):
+    for i in range(n):
         for f in faces:
             shutil.copy(f, folder / f"{i}_{f.name}")
+    return folder
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the actor's process in /proc")
+def test_an_actor_killed_mid_run_loses_no_image(cluster, faces, tmp_path):
+    folder = copies(faces, 5, tmp_path / "many")
     out = tmp_path / "out"
     result = {}
     job = threading.Thread(target=lambda: result.update(s=run("predict", [str(folder)], str(out), Predictor())))
@@ -216,11 +221,7 @@ def test_ctrl_c_on_ray_keeps_the_finished_rows_as_valid_parquet(cluster, faces, 
     from facerace.apps import ray_engine
 
     monkeypatch.setattr(ray_engine, "FLUSH_SECONDS", 0.0)  # every table written at once: the test sees rows early
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(6):
-        for f in faces:
-            shutil.copy(f, folder / f"{i}_{f.name}")
+    folder = copies(faces, 6, tmp_path / "many")
     out = tmp_path / "out"
 
     def interrupt() -> None:
