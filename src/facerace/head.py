@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -33,11 +33,10 @@ def cross_entropy(probs: np.ndarray, y: np.ndarray, weights: np.ndarray | None =
     return float(-np.average(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)), weights=weights))
 
 
-def group_weights(groups: list) -> np.ndarray:
+def group_weights(groups: Sequence[str] | np.ndarray) -> np.ndarray:
     """One weight per example, inversely proportional to the size of its group, with mean 1: every group
     then weighs as much in the loss as every other."""
-    _, inverse, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True,
-                                   return_counts=True)
+    _, inverse, counts = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
     w = 1.0 / counts[inverse]
     return w * len(w) / w.sum()
 

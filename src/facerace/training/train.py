@@ -162,8 +162,8 @@ def balance_groups(balance: str, y: np.ndarray, samples: list[Sample]) -> np.nda
     if balance == "none":
         return None
     if balance == "race":
-        return np.array([str(c) for c in y], dtype=object)
-    return np.array([f"{c}|{s.gender or 'unknown'}" for c, s in zip(y, samples)], dtype=object)
+        return np.asarray(y).astype(str)
+    return np.array([f"{c}|{s.gender or 'unknown'}" for c, s in zip(y, samples)])
 
 
 def fit_head(config: TrainConfig, x: np.ndarray, y: np.ndarray, samples: list[Sample],
