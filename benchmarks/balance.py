@@ -76,6 +76,7 @@ def main() -> None:
     genders = np.array([s.gender or "unknown" for s in samples])
     strata = y * 2 + (genders == "Female")
     fit_rows, held = stratified_split(strata, 0.2, HELD_OUT_SEED)
+    x_fit, y_fit, samples_fit = x[fit_rows], y[fit_rows], [samples[i] for i in fit_rows]
     races = list(get_scheme(base.scheme).classes)
     env = environment()
     print(f"\nrecipe `{args.recipe}` ({base.backbone}, flip {base.flip_average}, {base.head}); FairFace train: {len(fit_rows)} faces to train on, "
@@ -87,9 +88,8 @@ def main() -> None:
         probs = []
         for seed in args.seeds:
             config = replace(base, balance=option, seed=seed)
-            sub = [samples[i] for i in fit_rows]
-            tr, va = stratified_split(y[fit_rows], config.val_fraction, config.seed)
-            head = fit_head(config, x[fit_rows], y[fit_rows], sub, (tr, va))
+            tr, va = stratified_split(y_fit, config.val_fraction, config.seed)
+            head = fit_head(config, x_fit, y_fit, samples_fit, (tr, va))
             probs.append(head.predict_proba(x[held]))
             results[(option, seed)] = show(option, str(seed), scores(y[held], probs[-1], races, genders[held]))
         if args.ensemble:

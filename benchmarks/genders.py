@@ -25,10 +25,10 @@ GENDERS = ("Female", "Male")
 SMALL = 50
 
 
-def scored(model: str, spec: str, split: str, scheme: str, workers: int | None) -> dict:
-    """Per face: true class, right or wrong, confidence, gender (joined on path from the dataset)."""
+def scored(model: str, spec: str, split: str, scheme: str, gender: dict[str, str | None],
+           workers: int | None) -> dict:
+    """Per face: true class, right or wrong, confidence, gender (joined on path through `gender`)."""
     run, metrics = evaluate(model, spec, split=split, scheme=scheme, workers=workers, quiet=True)
-    gender = {str(s.path): s.gender for s in open_dataset(spec, split).samples}
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return {"true": np.array([r["true"] for r in rows]), "right": np.array([r["true"] == r["predicted"] for r in rows]),
@@ -57,7 +57,8 @@ def main() -> None:
     env = environment()
     print(f"\n{env['date']}; {env['machine']}; models: " + ", ".join(f"`{m}`" for m in args.model))
     for spec, split, scheme in jobs:
-        runs = [scored(m, spec, split, scheme, args.workers) for m in args.model]
+        gender = {str(s.path): s.gender for s in open_dataset(spec, split).samples}
+        runs = [scored(m, spec, split, scheme, gender, args.workers) for m in args.model]
         base = runs[0]
         print(f"\n### {spec.split(':')[0]} {split}, {scheme} ({len(base['true'])} faces)\n")
         print("| model | accuracy | women | men | gap (points) | ECE women | ECE men |")
